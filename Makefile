@@ -1,0 +1,43 @@
+# The README's commands. Every target sets itself up: a fresh machine needs only Python 3.11.
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+export MPLBACKEND := Agg
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+# pip.conf on these machines names index folders that may not exist: hide that noise only
+QUIET := 2>&1 | { grep -v 'is ignored' || true; }
+
+.PHONY: install test demo reproduce-paper bench clean-outputs
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (set PYTHON=...)"; exit 1; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip $(QUIET)
+	# torch first and exactly pinned: the CPU wheel, never a CUDA download
+	$(BIN)/python -m pip install -q torch==2.13.0 $(QUIET)
+	$(BIN)/python -m pip install -q -e ".[dev]" $(QUIET)
+	$(BIN)/python -c "import torch, transformers, ofa_lib; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $(STAMP)
+
+test: install
+	$(BIN)/python -m pytest -q tests
+
+demo: install
+	$(BIN)/python -m ofa_lib.demo
+
+reproduce-paper: install
+	$(BIN)/papermill notebooks/04_analysis.ipynb outputs/reports/paper/04_analysis.ipynb \
+		-f params/reproduce_paper.yaml --cwd notebooks
+	$(BIN)/python -m ofa_lib.report render outputs/reports/paper/04_analysis.ipynb
+
+clean-outputs:
+	rm -rf outputs/runs outputs/results outputs/reports outputs/data
