@@ -1,0 +1,439 @@
+"""One fine-tuning run: the published recipe, snapshots and online variants, resumable output.
+
+``run_training(cfg)`` trains with AdamW (weight decay 0.01, none on bias/LayerNorm), gradient
+clipping, 10% linear warm-up then linear decay and dynamic padding; takes ``num_snapshots``
+snapshots evenly over the steps; scores each snapshot on English dev and every target dev when
+it is taken and keeps online variants instead of all snapshots: LAST, SRC-DEV (best English
+dev), CA (fp32 running mean of the snapshots), TRG-DEV (best mean target dev) and optionally
+the top-k snapshots by English dev. At the end every kept variant is read back from its stored
+checkpoint and scored on every dev and target test set.
+
+Output, all written atomically, under ``<output_root>/<run_id>/``: ``manifest.json``,
+``checkpoints/{last,src_dev,ca,trg_dev}.safetensors`` (+ ``topk_<i>``), ``metrics.parquet``
+(tidy), ``train_log.parquet``, ``head.safetensors`` for head-tuning runs and, while running,
+``resume/`` (model, optimizer, scheduler and RNG state at the last snapshot).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from . import averaging, data, evaluation, features, metrics, models
+from .config import TrainConfig, validate
+from .io import write_json, write_parquet
+from .paths import REPO_ROOT, outputs_dir
+
+VARIANTS = ("last", "src_dev", "ca", "trg_dev")
+STORAGE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# --------------------------------------------------------------------------- helpers
+def runs_root(output_root: str | Path | None = None) -> Path:
+    """Where runs live: ``output_root`` or ``outputs/runs``."""
+    return Path(output_root) if output_root else outputs_dir() / "runs"
+
+
+def run_dir(cfg: TrainConfig, output_root: str | Path | None = None) -> Path:
+    return runs_root(output_root) / cfg.run_id
+
+
+def read_manifest(path: Path) -> dict[str, Any] | None:
+    file = path / "manifest.json"
+    return json.loads(file.read_text()) if file.is_file() else None
+
+
+def is_done(cfg: TrainConfig, output_root: str | Path | None = None) -> bool:
+    """True when the run finished and its outputs are all there."""
+    path = run_dir(cfg, output_root)
+    manifest = read_manifest(path)
+    if not manifest or manifest.get("status") != "done":
+        return False
+    needed = ["metrics.parquet"] + [f"checkpoints/{v}.safetensors" for v in manifest.get("variants", VARIANTS)]
+    return all((path / name).is_file() for name in needed)
+
+
+def pick_device(precision: str) -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def environment_info() -> dict[str, Any]:
+    import transformers
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    info = {
+        "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+        "platform": platform.platform(), "git_commit": commit, "threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    return info
+
+
+def set_seed(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW parameter groups: no weight decay on biases and LayerNorm weights."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if name.endswith("bias") or "LayerNorm" in name or "layer_norm" in name else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def snapshot_steps(total_steps: int, num_snapshots: int) -> list[int]:
+    """Steps after which snapshot k = 1..num_snapshots is taken (every 1/num_snapshots)."""
+    if num_snapshots > total_steps:
+        raise ValueError(f"num_snapshots={num_snapshots} exceeds the {total_steps} training steps")
+    return [round(total_steps * k / num_snapshots) for k in range(1, num_snapshots + 1)]
+
+
+# --------------------------------------------------------------------------- head alignment
+def head_keys(model: torch.nn.Module, model_name: str) -> list[str]:
+    """Parameters the pretrained checkpoint does not hold: the task head (e.g. pooler + classifier)."""
+    pretrained = models.pretrained_keys(model_name)
+    return sorted(k for k, _ in model.named_parameters() if k not in pretrained)
+
+
+def init_head(model: torch.nn.Module, keys: list[str], seed: int) -> None:
+    """Deterministic head initialisation shared by every run with the same seed."""
+    gen = torch.Generator().manual_seed(seed)
+    std = getattr(model.config, "initializer_range", 0.02)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for key in keys:
+            param = params[key]
+            if key.endswith("bias"):
+                param.zero_()
+            else:
+                param.copy_(torch.randn(param.shape, generator=gen) * std)
+
+
+def load_head(model: torch.nn.Module, keys: list[str], path: str | Path) -> None:
+    """Load a trained head file; refuse one that does not fit this model (names the parameter)."""
+    state = averaging.load_checkpoint(path)
+    params = dict(model.named_parameters())
+    missing, extra = sorted(set(keys) - set(state)), sorted(set(state) - set(keys))
+    if missing or extra:
+        raise ValueError(f"parameter head={str(path)!r} does not fit the model: missing {missing[:5]}, unexpected {extra[:5]}")
+    for key in keys:
+        if tuple(state[key].shape) != tuple(params[key].shape):
+            raise ValueError(f"parameter head={str(path)!r} does not fit the model: {key} has shape "
+                             f"{tuple(state[key].shape)}, the model expects {tuple(params[key].shape)}")
+    with torch.no_grad():
+        for key in keys:
+            params[key].copy_(state[key].to(params[key].dtype))
+
+
+def setup_head(model: torch.nn.Module, cfg: TrainConfig) -> tuple[list[str], str]:
+    """Apply ``cfg.head`` (``train`` | ``init:<seed>`` | path: frozen) → (head keys, fingerprint)."""
+    keys = head_keys(model, cfg.model_name)
+    if cfg.head.startswith("init:"):
+        init_head(model, keys, int(cfg.head[5:]))
+    else:
+        if cfg.head == "train":
+            init_head(model, keys, cfg.seed)
+        else:
+            load_head(model, keys, cfg.head)
+            for name, param in model.named_parameters():
+                if name in keys:
+                    param.requires_grad_(False)
+    state = model.state_dict()
+    return keys, averaging.head_fingerprint({k: state[k] for k in keys}, keys)
+
+
+# --------------------------------------------------------------------------- data
+@dataclass
+class Prepared:
+    """Everything a run needs before the first step."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    train: Any
+    dev_sets: list[evaluation.EvalSet]
+    test_sets: list[evaluation.EvalSet]
+    head_keys: list[str]
+    head_fingerprint: str
+    label_names: list[str] | None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def prepare(cfg: TrainConfig) -> Prepared:
+    """Load data and model (trimmed to the run's corpus when asked), featurize, set up the head."""
+    t0 = time.perf_counter()
+    datasets.disable_progress_bars()
+    set_seed(cfg.seed)
+    load = dict(map_date_to_o=cfg.map_date_to_o)
+    train_raw = data.load_split(cfg.train_dataset, cfg.source_lang(), "train", subsample=cfg.train_subsample, seed=cfg.seed, **load)
+    dev_raw = [(s, data.load_split(*s, subsample=cfg.dev_subsample, seed=0, **load)) for s in cfg.dev_sets()]
+    test_raw = [(s, data.load_split(*s, subsample=cfg.test_subsample, seed=0, **load)) for s in cfg.test_sets()]
+    label_names = None if cfg.task == "qa" else data.label_names(cfg.train_dataset) if cfg.task != "ner" else data.ner_labels(not cfg.map_date_to_o)
+    trim = None
+    if cfg.trim_vocab:
+        trim = [t for _, ds in [(None, train_raw)] + dev_raw + test_raw for t in evaluation.texts_of(cfg.task, ds)]
+    t1 = time.perf_counter()
+    model, tokenizer = models.load_pretrained(
+        cfg.model_name, cfg.task, label_names=label_names, freeze_embeddings=cfg.freeze_embeddings, trim_corpus=trim,
+        attn_implementation="eager" if cfg.task == "never" else None,
+    )
+    keys, fingerprint = setup_head(model, cfg)
+    t2 = time.perf_counter()
+    feat = dict(max_length=cfg.max_length, doc_stride=cfg.doc_stride, label_all_subtokens=cfg.label_all_subtokens)
+    train = features.featurize(cfg.task, train_raw, tokenizer, train=True, **feat)
+    dev_sets = [evaluation.make_eval_set(cfg.task, s, ds, tokenizer, **feat) for s, ds in dev_raw]
+    test_sets = [evaluation.make_eval_set(cfg.task, s, ds, tokenizer, **feat) for s, ds in test_raw]
+    t3 = time.perf_counter()
+    return Prepared(model, tokenizer, train, dev_sets, test_sets, keys, fingerprint, label_names,
+                    {"load_data_s": t1 - t0, "load_model_s": t2 - t1, "featurize_s": t3 - t2})
+
+
+# --------------------------------------------------------------------------- resume state
+def save_resume(path: Path, model, optimizer, scheduler, state: dict[str, Any], ca: averaging.RunningMean) -> None:
+    """Model, optimizer moments, CA mean and RNG at a snapshot, as safetensors + JSON."""
+    tensors: dict[str, torch.Tensor] = {f"model.{k}": v.detach().float() for k, v in model.state_dict().items()}
+    opt = optimizer.state_dict()
+    for pid, pstate in opt["state"].items():
+        for k, v in pstate.items():
+            tensors[f"optim.{pid}.{k}"] = v.detach().reshape(-1) if v.dim() == 0 else v.detach()
+    if ca.mean is not None:
+        tensors.update({f"ca.{k}": v for k, v in ca.mean.items()})
+    tensors["rng.torch"] = torch.get_rng_state()
+    meta = {"param_groups": opt["param_groups"], "scheduler": scheduler.state_dict(), "ca_count": ca.count,
+            "state": state, "optim_shapes": {f"{pid}.{k}": list(v.shape) for pid, s in opt["state"].items() for k, v in s.items()}}
+    path.mkdir(parents=True, exist_ok=True)
+    averaging.save_checkpoint(tensors, path / "state.safetensors")
+    write_json(path / "state.json", meta)
+
+
+def load_resume(path: Path, model, optimizer, scheduler, ca: averaging.RunningMean) -> dict[str, Any] | None:
+    """Restore what :func:`save_resume` wrote; ``None`` when there is nothing (complete) to resume."""
+    if not (path / "state.json").is_file() or not (path / "state.safetensors").is_file():
+        return None
+    meta = json.loads((path / "state.json").read_text())
+    tensors = averaging.load_checkpoint(path / "state.safetensors")
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    opt_state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, shape in meta["optim_shapes"].items():
+        pid, name = key.split(".", 1)
+        opt_state.setdefault(int(pid), {})[name] = tensors[f"optim.{key}"].reshape(shape)
+    optimizer.load_state_dict({"state": opt_state, "param_groups": meta["param_groups"]})
+    scheduler.load_state_dict(meta["scheduler"])
+    ca_state = {k[3:]: v for k, v in tensors.items() if k.startswith("ca.")}
+    if ca_state:
+        ca.mean, ca.count = ca_state, meta["ca_count"]
+    torch.set_rng_state(tensors["rng.torch"].to(torch.uint8))
+    return meta["state"]
+
+
+# --------------------------------------------------------------------------- the run
+def tidy_rows(cfg: TrainConfig, kind: str, name: str, scores: dict[tuple[str, str, str], dict[str, float]],
+              step: int, epoch: float) -> list[dict[str, Any]]:
+    """Tidy rows (results schema) for one model's scores on several (dataset, lang, split)."""
+    base = dict(run_id=cfg.run_id, task=cfg.task, model=cfg.model_name, lr=float(cfg.lr), batch_size=cfg.batch_size,
+                seed=cfg.seed, kind=kind, name=name, step=step, epoch=float(epoch), members=None)
+    return [dict(base, dataset=d, lang=lang, split=split, metric=m, value=float(v))
+            for (d, lang, split), values in scores.items() for m, v in values.items()]
+
+
+def dev_summary(cfg: TrainConfig, scores: dict[tuple[str, str, str], dict[str, float]]) -> tuple[float, float, dict[str, float]]:
+    """(English dev score, mean target dev score, per-target-language dev score) on the primary metric."""
+    primary = metrics.PRIMARY_METRIC[cfg.task]
+    src = cfg.dev_sets()[0]
+    per_lang = {f"{d}/{lang}": v[primary] for (d, lang, s), v in scores.items() if (d, lang, s) != src}
+    target_mean = sum(per_lang.values()) / len(per_lang)
+    return scores[src][primary], target_mean, per_lang
+
+
+def run_training(cfg: TrainConfig, output_root: str | Path | None = None, *, device: str | None = None,
+                 progress: bool = True, stop_after_step: int | None = None) -> Path:
+    """Train one run (or resume it, or do nothing if it is done); return its directory.
+
+    ``stop_after_step`` interrupts the run after that step (to test resuming).
+    """
+    validate(cfg)
+    out = run_dir(cfg, output_root)
+    if is_done(cfg, output_root):
+        print(f"run {cfg.run_id} is already done: {out} (nothing to do)")
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    manifest = {"run_id": cfg.run_id, "params": cfg.canonical(), "status": "running", "started": started,
+                "environment": environment_info()}
+    write_json(out / "manifest.json", manifest)
+    try:
+        result = _train(cfg, out, manifest, device, progress, stop_after_step)
+    except BaseException as exc:
+        manifest.update(status="failed", error=f"{type(exc).__name__}: {exc}", ended=time.time())
+        write_json(out / "manifest.json", manifest)
+        raise
+    return result
+
+
+def _train(cfg: TrainConfig, out: Path, manifest: dict[str, Any], device_name: str | None, progress: bool,
+           stop_after_step: int | None) -> Path:
+    device = torch.device(device_name) if device_name else pick_device(cfg.precision)
+    prep = prepare(cfg)
+    model = prep.model.to(device)
+    manifest.update(head_fingerprint=prep.head_fingerprint, head_keys=prep.head_keys, device=str(device),
+                    n_train_features=len(prep.train), vocab_size=model.config.vocab_size,
+                    parameters=models.count_parameters(model), trainable=models.count_parameters(model, True))
+    if cfg.head != "train" and not cfg.head.startswith("init:"):
+        manifest["head_file"] = str(Path(cfg.head).resolve())
+    write_json(out / "manifest.json", manifest)
+    frozen_head = {k: v.detach().clone() for k, v in model.state_dict().items() if k in prep.head_keys} \
+        if cfg.head not in ("train",) and not cfg.head.startswith("init:") else None
+
+    steps_per_epoch = math.ceil(len(prep.train) / cfg.batch_size)
+    total_steps = steps_per_epoch * cfg.epochs
+    snaps = snapshot_steps(total_steps, cfg.num_snapshots)
+    optimizer = torch.optim.AdamW(decay_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
+    warmup = int(round(cfg.warmup_ratio * total_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: s / max(1, warmup) if s < warmup else max(0.0, (total_steps - s) / max(1, total_steps - warmup)))
+    ca = averaging.RunningMean()
+    storage = STORAGE[cfg.storage_dtype]
+    autocast = AUTOCAST.get(cfg.precision) if device.type == "cuda" else None
+    ckpt_dir = out / "checkpoints"
+    ckpt_dir.mkdir(exist_ok=True)
+    meta = {"ofa_head_fingerprint": prep.head_fingerprint, "ofa_run_id": cfg.run_id}
+
+    state: dict[str, Any] = {"step": 0, "snapshot": 0, "best_src": None, "best_trg": None, "best_lang": {},
+                             "topk": [], "rows": [], "log": []}
+    resumed = load_resume(out / "resume", model, optimizer, scheduler, ca)
+    if resumed is not None:
+        state = resumed
+        print(f"resuming run {cfg.run_id} at step {state['step']} (snapshot {state['snapshot']})")
+
+    def save_variant(name: str, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+        averaging.save_checkpoint(tensors, ckpt_dir / f"{name}.safetensors", dtype=dtype, metadata=dict(meta, ofa_variant=name))
+
+    save_variant.remove = lambda name: (ckpt_dir / f"{name}.safetensors").unlink(missing_ok=True)
+
+    def evaluate_all(sets: list[evaluation.EvalSet], what: str) -> dict[tuple[str, str, str], dict[str, float]]:
+        return {s.key: evaluation.score(model, s, cfg.task, batch_size=cfg.eval_batch_size, device=device,
+                                        autocast_dtype=autocast) for s in tqdm(sets, desc=what, leave=False, disable=not progress)}
+
+    model.train()
+    t_train = time.perf_counter()
+    bar = tqdm(total=total_steps, initial=state["step"], desc=f"train {cfg.run_id}", disable=not progress)
+    step = start_step = state["step"]
+    step_seconds = 0.0
+    while step < total_steps:
+        epoch = step // steps_per_epoch
+        order = torch.randperm(len(prep.train), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch)).tolist()
+        for b in range(step - epoch * steps_per_epoch, steps_per_epoch):
+            batch = features.collate([prep.train[i] for i in order[b * cfg.batch_size:(b + 1) * cfg.batch_size]],
+                                     prep.tokenizer.pad_token_id)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            t_step = time.perf_counter()
+            with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+                loss = model(**batch).loss
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step_seconds += time.perf_counter() - t_step
+            step += 1
+            bar.update(1)
+            state["log"].append({"step": step, "epoch": step / steps_per_epoch, "loss": float(loss.detach()),
+                                 "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0]})
+            if step in snaps:
+                _take_snapshot(cfg, model, state, step, step / steps_per_epoch, snaps, ca, evaluate_all, prep, save_variant, storage)
+                model.train()
+                if cfg.save_resume_state and step < total_steps:
+                    state["step"] = step
+                    save_resume(out / "resume", model, optimizer, scheduler, state, ca)
+            if stop_after_step is not None and step >= stop_after_step:
+                bar.close()
+                raise KeyboardInterrupt(f"stopped after step {step} (stop_after_step)")
+            if step >= total_steps:
+                break
+    bar.close()
+    train_seconds = time.perf_counter() - t_train
+
+    # LAST and CA; then score every kept variant from its stored checkpoint
+    state_now = model.state_dict()
+    save_variant("last", state_now, storage)
+    save_variant("ca", ca.mean, torch.float32)
+    if frozen_head is not None:
+        assert all(torch.equal(state_now[k], v) for k, v in frozen_head.items()), "frozen head changed"
+    if cfg.head == "train":
+        averaging.save_checkpoint({k: state_now[k] for k in prep.head_keys}, out / "head.safetensors",
+                                  metadata=dict(meta, ofa_variant="head"))
+    for rank, (_, snap) in enumerate(state["topk"]):  # snap_<k> → topk_<rank>, rank 0 = best
+        (ckpt_dir / f"snap_{snap}.safetensors").replace(ckpt_dir / f"topk_{rank}.safetensors")
+    variants = list(VARIANTS) + [f"topk_{i}" for i in range(len(state["topk"]))]
+    t_eval = time.perf_counter()
+    rows = list(state["rows"])
+    for name in tqdm(variants, desc="score variants", disable=not progress):
+        model.load_state_dict(averaging.load_checkpoint(ckpt_dir / f"{name}.safetensors", dtype=torch.float32), strict=True)
+        scores = evaluate_all(prep.dev_sets + prep.test_sets, name)
+        rows += tidy_rows(cfg, "variant", name, scores, step, step / steps_per_epoch)
+    write_parquet(out / "metrics.parquet", pd.DataFrame(rows))
+    write_parquet(out / "train_log.parquet", pd.DataFrame(state["log"]))
+    shutil.rmtree(out / "resume", ignore_errors=True)
+    manifest.update(
+        status="done", ended=time.time(), variants=variants, total_steps=total_steps, snapshot_steps=snaps,
+        src_dev_snapshot=state["best_src"][1] if state["best_src"] else None,
+        trg_dev_snapshot=state["best_trg"][1] if state["best_trg"] else None,
+        trg_dev_per_language={k: v[1] for k, v in state["best_lang"].items()},
+        topk_snapshots=[s for _, s in state["topk"]],
+        timings=dict(prep.timings, train_s=train_seconds, final_eval_s=time.perf_counter() - t_eval,
+                     train_step_s=step_seconds,
+                     train_examples_per_s=(step - start_step) * cfg.batch_size / max(step_seconds, 1e-9)),
+    )
+    write_json(out / "manifest.json", manifest)
+    return out
+
+
+def _take_snapshot(cfg, model, state, step, epoch, snaps, ca, evaluate_all, prep, save_variant, storage) -> None:
+    """Score the current weights on all dev sets and update the online variants."""
+    k = snaps.index(step) + 1
+    scores = evaluate_all(prep.dev_sets, f"snapshot {k}")
+    state["rows"] += tidy_rows(cfg, "snapshot", str(k), scores, step, epoch)
+    src, trg, per_lang = dev_summary(cfg, scores)
+    weights = model.state_dict()
+    ca.update(weights)
+    if state["best_src"] is None or src > state["best_src"][0]:  # strict: ties keep the earlier snapshot
+        state["best_src"] = [src, k]
+        save_variant("src_dev", weights, storage)
+    if state["best_trg"] is None or trg > state["best_trg"][0]:
+        state["best_trg"] = [trg, k]
+        save_variant("trg_dev", weights, storage)
+    for lang, value in per_lang.items():
+        if lang not in state["best_lang"] or value > state["best_lang"][lang][0]:
+            state["best_lang"][lang] = [value, k]
+    if cfg.top_k:  # keep the k best snapshots by English dev as snap_<k> files; ranked at the end
+        ranked = sorted(state["topk"] + [[src, k]], key=lambda t: (-t[0], t[1]))[: cfg.top_k]
+        kept = {s for _, s in ranked}
+        if k in kept:
+            save_variant(f"snap_{k}", weights, storage)
+        for _, s in state["topk"]:
+            if s not in kept:
+                save_variant.remove(f"snap_{s}")
+        state["topk"] = ranked
