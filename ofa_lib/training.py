@@ -6,7 +6,8 @@ snapshots evenly over the steps; scores each snapshot on English dev and every t
 it is taken and keeps online variants instead of all snapshots: LAST, SRC-DEV (best English
 dev), CA (fp32 running mean of the snapshots), TRG-DEV (best mean target dev) and optionally
 the top-k snapshots by English dev. At the end every kept variant is read back from its stored
-checkpoint and scored on every dev and target test set.
+checkpoint and scored on every target test set (CA also on the dev sets; the other variants
+keep the dev scores their snapshot had when it was taken).
 
 Output, all written atomically, under ``<output_root>/<run_id>/``: ``manifest.json``,
 ``checkpoints/{last,src_dev,ca,trg_dev}.safetensors`` (+ ``topk_<i>``), ``metrics.parquet``
@@ -345,6 +346,9 @@ def _train(cfg: TrainConfig, out: Path, manifest: dict[str, Any], device_name: s
         return {s.key: evaluation.score(model, s, cfg.task, batch_size=cfg.eval_batch_size, device=device,
                                         autocast_dtype=autocast) for s in tqdm(sets, desc=what, leave=False, disable=not progress)}
 
+    train_rows = prep.train.select_columns(
+        [c for c in ("input_ids", "attention_mask", "token_type_ids", "labels", "start_positions", "end_positions")
+         if c in prep.train.column_names]).to_list()
     model.train()
     t_train = time.perf_counter()
     bar = tqdm(total=total_steps, initial=state["step"], desc=f"train {cfg.run_id}", disable=not progress)
@@ -354,10 +358,10 @@ def _train(cfg: TrainConfig, out: Path, manifest: dict[str, Any], device_name: s
         epoch = step // steps_per_epoch
         order = torch.randperm(len(prep.train), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch)).tolist()
         for b in range(step - epoch * steps_per_epoch, steps_per_epoch):
-            batch = features.collate([prep.train[i] for i in order[b * cfg.batch_size:(b + 1) * cfg.batch_size]],
+            t_step = time.perf_counter()
+            batch = features.collate([train_rows[i] for i in order[b * cfg.batch_size:(b + 1) * cfg.batch_size]],
                                      prep.tokenizer.pad_token_id)
             batch = {k: v.to(device) for k, v in batch.items()}
-            t_step = time.perf_counter()
             with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
                 loss = model(**batch).loss
             loss.backward()
@@ -369,7 +373,8 @@ def _train(cfg: TrainConfig, out: Path, manifest: dict[str, Any], device_name: s
             step += 1
             bar.update(1)
             state["log"].append({"step": step, "epoch": step / steps_per_epoch, "loss": float(loss.detach()),
-                                 "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0]})
+                                 "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
+                                 "step_seconds": step_seconds})
             if step in snaps:
                 _take_snapshot(cfg, model, state, step, step / steps_per_epoch, snaps, ca, evaluate_all, prep, save_variant, storage)
                 model.train()
@@ -398,9 +403,18 @@ def _train(cfg: TrainConfig, out: Path, manifest: dict[str, Any], device_name: s
     variants = list(VARIANTS) + [f"topk_{i}" for i in range(len(state["topk"]))]
     t_eval = time.perf_counter()
     rows = list(state["rows"])
+    # the snapshot behind each variant (CA has none): its dev scores were measured when it was taken
+    source_snapshot = {"last": cfg.num_snapshots, "src_dev": state["best_src"][1], "trg_dev": state["best_trg"][1]}
+    source_snapshot.update({f"topk_{i}": snap for i, (_, snap) in enumerate(state["topk"])})
+    snapshot_rows = pd.DataFrame(state["rows"])
     for name in tqdm(variants, desc="score variants", disable=not progress):
         model.load_state_dict(averaging.load_checkpoint(ckpt_dir / f"{name}.safetensors", dtype=torch.float32), strict=True)
-        scores = evaluate_all(prep.dev_sets + prep.test_sets, name)
+        if name in source_snapshot:
+            dev = snapshot_rows[snapshot_rows.name == str(source_snapshot[name])].assign(kind="variant", name=name)
+            rows += dev.to_dict("records")
+            scores = evaluate_all(prep.test_sets, name)
+        else:
+            scores = evaluate_all(prep.dev_sets + prep.test_sets, name)
         rows += tidy_rows(cfg, "variant", name, scores, step, step / steps_per_epoch)
     write_parquet(out / "metrics.parquet", pd.DataFrame(rows))
     write_parquet(out / "train_log.parquet", pd.DataFrame(state["log"]))
