@@ -92,7 +92,7 @@ VARIANTS = ("last", "src_dev", "ca", "trg_dev")
 SPLITS = ("validation", "test")
 ALL = "*"  # dataset/lang of a row that is already a flat mean over all target languages
 SOURCE_LANG = "en"
-TASK_METRIC = {"nli": "acc", "ner": "f1", "tydiqa": "f1"}
+TASK_METRIC = {"nli": "acc", "ner": "f1", "tydiqa": "f1", "qa": "f1", "sib": "acc"}
 
 _STR_COLS = [c for c, t in SCHEMA.items() if t == "str"]
 _OPTIONAL_DEFAULTS = {

@@ -197,7 +197,9 @@ def prepare(cfg: TrainConfig) -> Prepared:
     datasets.disable_progress_bars()
     set_seed(cfg.seed)
     load = dict(map_date_to_o=cfg.map_date_to_o)
-    train_raw = data.load_split(cfg.train_dataset, cfg.source_lang(), "train", subsample=cfg.train_subsample, seed=cfg.seed, **load)
+    # the same training subsample for every run (data seed 0): runs differ by lr, batch and seed only,
+    # and share one trimmed vocabulary, so their weights can be averaged
+    train_raw = data.load_split(cfg.train_dataset, cfg.source_lang(), "train", subsample=cfg.train_subsample, seed=0, **load)
     dev_raw = [(s, data.load_split(*s, subsample=cfg.dev_subsample, seed=0, **load)) for s in cfg.dev_sets()]
     test_raw = [(s, data.load_split(*s, subsample=cfg.test_subsample, seed=0, **load)) for s in cfg.test_sets()]
     label_names = None if cfg.task == "qa" else data.label_names(cfg.train_dataset) if cfg.task != "ner" else data.ner_labels(not cfg.map_date_to_o)

@@ -191,7 +191,7 @@ def average_notebook() -> nbformat.NotebookNode:
             "variants = [\"last\", \"src_dev\", \"ca\"]\n"
             "r_max = 10                   # capped at the number of (lr, batch) configurations\n"
             "n_samplings = 10             # sampling seeds 0 .. n_samplings-1\n"
-            "soup_k = 5                   # snapshots per soup (runs trained with top_k >= 1); 0: no soups\n"
+            "soup_k = 5                   # snapshots per soup, 0 for none; runs need top_k above 0\n"
             "keep_checkpoints = False     # write the averaged weights under <runs_root>/../averages/\n"
             "device = None                # default: cuda if available else cpu\n"
             "threads = None               # torch CPU threads\n",
@@ -225,12 +225,12 @@ def average_notebook() -> nbformat.NotebookNode:
             "                             soup_k=soup_k, results_path=results_path, keep_checkpoints=keep_checkpoints,\n"
             "                             device=device)"),
         new_markdown_cell("## Evaluations done and avoided"),
-        new_code_cell("pd.Series(rows.attrs[\"stats\"], name=\"count / seconds\").to_frame()"),
+        new_code_cell("pd.Series(rows.attrs[\"stats\"], dtype=object).to_frame(\"count / seconds\")"),
         new_markdown_cell(
             "## Max. SRC-DEV vs accumulative averaging by r\n\n"
             "Target test score (flat mean over target languages, ×100), mean ± std over samplings. Full tables and "
             "figures: `notebooks/04_analysis.ipynb` with `source` = the results file."),
-        new_code_cell("crossrun.summary_by_r(results_path, task)"),
+        new_code_cell("crossrun.summary_by_r(results_path, task, soup_k=soup_k)"),
     ]
     return new_notebook(cells=cells, metadata=KERNEL)
 
