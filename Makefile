@@ -7,7 +7,6 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
-export MPLBACKEND := Agg
 SHELL := /bin/bash
 .SHELLFLAGS := -eo pipefail -c
 # pip.conf on these machines names index folders that may not exist: hide that noise only

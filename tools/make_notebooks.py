@@ -163,7 +163,7 @@ def train_notebook() -> nbformat.NotebookNode:
             metadata={"tags": ["parameters"]}),
         new_code_cell(
             "import torch\n"
-            "from ofa_lib import config, runs, training\n\n"
+            "from ofa_lib import config, report, runs, training\n\n"
             "if threads:\n"
             "    torch.set_num_threads(int(threads))\n"
             "knobs = {k: v for k, v in globals().items() if k in config.TrainConfig.__dataclass_fields__}\n"
@@ -172,7 +172,7 @@ def train_notebook() -> nbformat.NotebookNode:
         new_markdown_cell("## Train (or resume, or skip if this run is already done)"),
         new_code_cell("path = training.run_training(cfg, output_root, device=device)\nrun = runs.load_run(path)\nrun.summary()"),
         new_markdown_cell("## Training loss and snapshot scores on dev"),
-        new_code_cell("runs.plot_training(run);"),
+        new_code_cell("report.save_figure(runs.plot_training(run), run.path, \"training\")  # also training.png/svg in the run"),
         new_markdown_cell("## Variants on the target test sets (primary metric, ×100)"),
         new_code_cell("runs.variant_table(run)"),
         new_markdown_cell("## TRG-DEV: the snapshot each target language would pick (an oracle)"),
