@@ -415,6 +415,8 @@ def _train(cfg: TrainConfig, out: Path, manifest: dict[str, Any], device_name: s
             snap = source_snapshot[name]
             dev = snapshot_rows[snapshot_rows.name == str(snap)].assign(kind="variant", name=name)
             rows += dev.to_dict("records")
+            if name.startswith("topk_") and snap not in test_by_snapshot:
+                continue  # soup ingredients: their dev scores rank them; their test scores are not needed
             if snap not in test_by_snapshot:
                 model.load_state_dict(averaging.load_checkpoint(ckpt_dir / f"{name}.safetensors", dtype=torch.float32))
                 test_by_snapshot[snap] = evaluate_all(prep.test_sets, name)
