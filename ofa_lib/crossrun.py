@@ -401,7 +401,9 @@ def average_runs(
         warnings.warn(f"{skipped} soup(s) skipped: fewer than soup_k={soup_k} kept snapshots among the first r runs",
                       stacklevel=2)
 
-    expected_sets = [*cfg.dev_sets(), *cfg.test_sets()]
+    # averaged models are scored on English dev and the target test sets (target dev only serves
+    # the Max TRG-DEV oracle over single runs)
+    expected_sets = [cfg.dev_sets()[0], *cfg.test_sets()]
     expected = {(d, split, R.SOURCE_LANG if lang == source_lang else lang, STORE_METRIC.get(m, m))
                 for d, lang, split in expected_sets for m in metrics.task_metrics(cfg.task)}
     avg_dir = Path(averages_dir) if averages_dir else paths[first].parent.parent / "averages" / cfg.task
@@ -430,8 +432,8 @@ def average_runs(
             t0 = time.perf_counter()
             prep = training.prepare(cfg)
             dev = torch.device(device) if device else training.pick_device(cfg.precision)
-            skeleton.update(model=prep.model.to(dev).eval(), sets=prep.dev_sets + prep.test_sets, device=dev,
-                            autocast=training.AUTOCAST.get(cfg.precision) if dev.type == "cuda" else None)
+            skeleton.update(model=prep.model.to(dev).eval(), sets=prep.dev_sets[:1] + prep.test_sets, device=dev,
+                            autocast=training.AUTOCAST.get(cfg.precision))
             del prep
             stats["setup_seconds"] = round(time.perf_counter() - t0, 2)
         return skeleton

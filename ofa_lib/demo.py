@@ -55,7 +55,7 @@ def main(params_file: str | Path = REPO_ROOT / "params" / "demo.yaml") -> Path:
         if training.is_done(cfg, runs_root):
             continue
         params = dict(task=task, preset=spec["preset"], lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed,
-                      **spec.get("train", {}))
+                      output_root=str(runs_root), **spec.get("train", {}))
         execute("02_train.ipynb", runs_root / cfg.run_id / "02_train.ipynb", params)
     avg = spec.get("average", {})
     execute("03_average.ipynb", reports / "03_average.ipynb",
