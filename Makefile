@@ -40,5 +40,9 @@ reproduce-paper: install
 	mv outputs/reports/paper/.04_analysis.tmp.ipynb outputs/reports/paper/04_analysis.ipynb
 	$(BIN)/python -m ofa_lib.report render outputs/reports/paper/04_analysis.ipynb
 
+bench: install
+	$(BIN)/python benchmarks/bench_averaging.py --out benchmarks/averaging.md
+	$(BIN)/python benchmarks/bench_training.py --out benchmarks/training.md
+
 clean-outputs:
 	rm -rf outputs/runs outputs/results outputs/reports outputs/data

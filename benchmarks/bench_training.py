@@ -45,7 +45,7 @@ def trainer(cfg, root: Path) -> float:
         output_dir=str(root / "trainer"), per_device_train_batch_size=cfg.batch_size, max_steps=len(prep.train) // cfg.batch_size,
         learning_rate=cfg.lr, weight_decay=cfg.weight_decay, warmup_ratio=cfg.warmup_ratio, max_grad_norm=cfg.max_grad_norm,
         lr_scheduler_type="linear", logging_strategy="no", save_strategy="no", eval_strategy="no", report_to=[],
-        use_cpu=True, dataloader_num_workers=0, seed=cfg.seed, disable_tqdm=True,
+        use_cpu=True, bf16=cfg.precision == "bf16", dataloader_num_workers=0, seed=cfg.seed, disable_tqdm=True,
     )
     train = prep.train.select_columns(["input_ids", "attention_mask", "labels"])
     Trainer(model=prep.model, args=args, train_dataset=train, data_collator=DataCollatorWithPadding(prep.tokenizer),
@@ -79,7 +79,7 @@ def main() -> None:
                 print(f"repeat {rep + 1}: {name} {results[name][-1]:.1f} examples/s", flush=True)
     med = {k: statistics.median(v) for k, v in results.items()}
     lines = [
-        f"Training throughput, MultiNLI, embedded model (trimmed vocab, frozen embeddings), batch {args.batch_size}, "
+        f"Training throughput, MultiNLI, embedded model (trimmed vocab, frozen embeddings, bf16 autocast), batch {args.batch_size}, "
         f"max_length {args.max_length}, {args.threads} threads, {args.steps} steps; median of {args.repeats} (min–max).",
         "", "| loop | examples/s |", "|---|---|",
     ]
