@@ -1,8 +1,8 @@
 """Training throughput: ofa_lib's loop vs transformers' Trainer, side by side.
 
 Identical model (the embedded default, trimmed vocabulary, frozen word embeddings), data
-(the same featurized MultiNLI rows), batch size, max length, optimizer recipe, threads and
-steps. Throughput = examples/s from the end of step 1 to the end of the last step (step 1,
+(the same featurized MultiNLI rows, fed to both in the same batches and order), batch size,
+max length, bf16 autocast, optimizer recipe (fused AdamW), threads and steps. Throughput = examples/s from the end of step 1 to the end of the last step (step 1,
 which warms up allocators, is excluded for both); median of --repeats with min–max.
 
     python benchmarks/bench_training.py --steps 30 --repeats 3 --out benchmarks/training.md
@@ -43,12 +43,19 @@ def trainer(cfg, root: Path) -> float:
 
     args = TrainingArguments(
         output_dir=str(root / "trainer"), per_device_train_batch_size=cfg.batch_size, max_steps=len(prep.train) // cfg.batch_size,
-        learning_rate=cfg.lr, weight_decay=cfg.weight_decay, warmup_ratio=cfg.warmup_ratio, max_grad_norm=cfg.max_grad_norm,
+        learning_rate=cfg.lr, weight_decay=cfg.weight_decay, warmup_steps=round(cfg.warmup_ratio * (len(prep.train) // cfg.batch_size)), max_grad_norm=cfg.max_grad_norm,
         lr_scheduler_type="linear", logging_strategy="no", save_strategy="no", eval_strategy="no", report_to=[],
         use_cpu=True, bf16=cfg.precision == "bf16", dataloader_num_workers=0, seed=cfg.seed, disable_tqdm=True,
     )
-    train = prep.train.select_columns(["input_ids", "attention_mask", "labels"])
-    Trainer(model=prep.model, args=args, train_dataset=train, data_collator=DataCollatorWithPadding(prep.tokenizer),
+    # the same batches as ofa_lib's first epoch, in the same order (padding cost depends on the batches)
+    order = torch.randperm(len(prep.train), generator=torch.Generator().manual_seed(cfg.seed * 1000)).tolist()
+    train = prep.train.select_columns(["input_ids", "attention_mask", "labels"]).select(order)
+
+    class InOrder(Trainer):
+        def _get_train_sampler(self, *args, **kwargs):
+            return torch.utils.data.SequentialSampler(self.train_dataset)
+
+    InOrder(model=prep.model, args=args, train_dataset=train, data_collator=DataCollatorWithPadding(prep.tokenizer),
             callbacks=[Clock()]).train()
     return (len(stamps) - 1) * cfg.batch_size / (stamps[-1] - stamps[0])
 
