@@ -208,9 +208,7 @@ def prepare(cfg: TrainConfig) -> Prepared:
         trim = [t for _, ds in [(None, train_raw)] + dev_raw + test_raw for t in evaluation.texts_of(cfg.task, ds)]
     t1 = time.perf_counter()
     model, tokenizer = models.load_pretrained(
-        cfg.model_name, cfg.task, label_names=label_names, freeze_embeddings=cfg.freeze_embeddings, trim_corpus=trim,
-        attn_implementation="eager" if cfg.task == "never" else None,
-    )
+        cfg.model_name, cfg.task, label_names=label_names, freeze_embeddings=cfg.freeze_embeddings, trim_corpus=trim)
     keys, fingerprint = setup_head(model, cfg)
     t2 = time.perf_counter()
     feat = dict(max_length=cfg.max_length, doc_stride=cfg.doc_stride, label_all_subtokens=cfg.label_all_subtokens)
@@ -343,7 +341,6 @@ def _train(cfg: TrainConfig, out: Path, manifest: dict[str, Any], device_name: s
     def save_variant(name: str, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
         averaging.save_checkpoint(tensors, ckpt_dir / f"{name}.safetensors", dtype=dtype, metadata=dict(meta, ofa_variant=name))
 
-    save_variant.remove = lambda name: (ckpt_dir / f"{name}.safetensors").unlink(missing_ok=True)
 
     def evaluate_all(sets: list[evaluation.EvalSet], what: str) -> dict[tuple[str, str, str], dict[str, float]]:
         return {s.key: evaluation.score(model, s, cfg.task, batch_size=cfg.eval_batch_size, device=device,
@@ -379,7 +376,8 @@ def _train(cfg: TrainConfig, out: Path, manifest: dict[str, Any], device_name: s
                                  "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
                                  "step_seconds": step_seconds})
             if step in snaps:
-                _take_snapshot(cfg, model, state, step, step / steps_per_epoch, snaps, ca, evaluate_all, prep, save_variant, storage)
+                _take_snapshot(cfg, model, state, step, step / steps_per_epoch, snaps, ca, evaluate_all, prep, save_variant, storage,
+                               ckpt_dir)
                 model.train()
                 if cfg.save_resume_state and step < total_steps:
                     state["step"] = step
@@ -443,7 +441,7 @@ def _train(cfg: TrainConfig, out: Path, manifest: dict[str, Any], device_name: s
     return out
 
 
-def _take_snapshot(cfg, model, state, step, epoch, snaps, ca, evaluate_all, prep, save_variant, storage) -> None:
+def _take_snapshot(cfg, model, state, step, epoch, snaps, ca, evaluate_all, prep, save_variant, storage, ckpt_dir) -> None:
     """Score the current weights on all dev sets and update the online variants."""
     k = snaps.index(step) + 1
     scores = evaluate_all(prep.dev_sets, f"snapshot {k}")
@@ -467,5 +465,5 @@ def _take_snapshot(cfg, model, state, step, epoch, snaps, ca, evaluate_all, prep
             save_variant(f"snap_{k}", weights, storage)
         for _, s in state["topk"]:
             if s not in kept:
-                save_variant.remove(f"snap_{s}")
+                (ckpt_dir / f"snap_{s}.safetensors").unlink(missing_ok=True)
         state["topk"] = ranked
