@@ -120,6 +120,11 @@ class TrainConfig:
         return f"{self.task}-{digest[:12]}"
 
     # ----------------------------------------------------------------- data sets
+    @property
+    def head_file(self) -> Path | None:
+        """The head file when ``head`` is a path (frozen head), else ``None``."""
+        return None if self.head == "train" or self.head.startswith("init:") else Path(self.head)
+
     def source_lang(self) -> str:
         return SOURCE_LANG.get(self.train_dataset, "en")
 

@@ -28,6 +28,7 @@ class EvalSet:
     rows: list[dict[str, Any]] = field(repr=False)
     batches: list[list[int]] = field(repr=False)
     label_all_subtokens: bool = False
+    batch_size: int = 64
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -60,7 +61,8 @@ def make_eval_set(task: str, key: tuple[str, str, str], examples: datasets.Datas
                                label_all_subtokens=label_all_subtokens, doc_stride=doc_stride)
     rows = feats.select_columns([c for c in _KEEP if c in feats.column_names]).to_list()
     batches = features.length_sorted_batches([len(r["input_ids"]) for r in rows], batch_size)
-    return EvalSet(*key, examples=examples, rows=rows, batches=batches, label_all_subtokens=label_all_subtokens)
+    return EvalSet(*key, examples=examples, rows=rows, batches=batches, label_all_subtokens=label_all_subtokens,
+                   batch_size=batch_size)
 
 
 @torch.no_grad()
@@ -70,7 +72,7 @@ def predict(model: torch.nn.Module, eval_set: EvalSet, *, batch_size: int | None
     device = torch.device(device)
     pad = pad_token_id if pad_token_id is not None else (model.config.pad_token_id or 0)
     batches = eval_set.batches
-    if batch_size is not None:
+    if batch_size is not None and batch_size != eval_set.batch_size:  # else the precomputed batches
         batches = features.length_sorted_batches([len(r["input_ids"]) for r in eval_set.rows], batch_size)
     was_training = model.training
     model.eval()

@@ -9,7 +9,7 @@ from typing import Any
 
 import pandas as pd
 
-from .config import TrainConfig
+from .config import SOURCE_LANG, TrainConfig
 from .metrics import PRIMARY_METRIC
 
 
@@ -77,7 +77,7 @@ def snapshot_curves(run: Run) -> pd.DataFrame:
     """Per snapshot: step, English dev and mean target dev (primary metric)."""
     df = run.metrics
     df = df[(df.kind == "snapshot") & (df.metric == run.primary)].copy()
-    src_lang = "eng_Latn" if run.manifest["params"]["train_dataset"] == "sib200" else "en"
+    src_lang = SOURCE_LANG.get(run.manifest["params"]["train_dataset"], "en")
     src_dataset = run.manifest["params"]["source_dev_dataset"]
     is_src = (df.dataset == src_dataset) & (df.lang == src_lang)
     out = pd.DataFrame({

@@ -161,16 +161,13 @@ def load_head(model: torch.nn.Module, keys: list[str], path: str | Path) -> None
 def setup_head(model: torch.nn.Module, cfg: TrainConfig) -> tuple[list[str], str]:
     """Apply ``cfg.head`` (``train`` | ``init:<seed>`` | path: frozen) → (head keys, fingerprint)."""
     keys = head_keys(model, cfg.model_name)
-    if cfg.head.startswith("init:"):
-        init_head(model, keys, int(cfg.head[5:]))
-    else:
-        if cfg.head == "train":
-            init_head(model, keys, cfg.seed)
-        else:
-            load_head(model, keys, cfg.head)
-            for name, param in model.named_parameters():
-                if name in keys:
-                    param.requires_grad_(False)
+    if cfg.head_file:
+        load_head(model, keys, cfg.head_file)
+        for name, param in model.named_parameters():
+            if name in keys:
+                param.requires_grad_(False)
+    else:  # "init:<seed>" shares one initialisation across runs; "train" seeds it with the run
+        init_head(model, keys, int(cfg.head[5:]) if cfg.head.startswith("init:") else cfg.seed)
     state = model.state_dict()
     return keys, averaging.head_fingerprint({k: state[k] for k in keys}, keys)
 
@@ -213,8 +210,8 @@ def prepare(cfg: TrainConfig) -> Prepared:
     t2 = time.perf_counter()
     feat = dict(max_length=cfg.max_length, doc_stride=cfg.doc_stride, label_all_subtokens=cfg.label_all_subtokens)
     train = features.featurize(cfg.task, train_raw, tokenizer, train=True, **feat)
-    dev_sets = [evaluation.make_eval_set(cfg.task, s, ds, tokenizer, **feat) for s, ds in dev_raw]
-    test_sets = [evaluation.make_eval_set(cfg.task, s, ds, tokenizer, **feat) for s, ds in test_raw]
+    dev_sets = [evaluation.make_eval_set(cfg.task, s, ds, tokenizer, batch_size=cfg.eval_batch_size, **feat) for s, ds in dev_raw]
+    test_sets = [evaluation.make_eval_set(cfg.task, s, ds, tokenizer, batch_size=cfg.eval_batch_size, **feat) for s, ds in test_raw]
     t3 = time.perf_counter()
     return Prepared(model, tokenizer, train, dev_sets, test_sets, keys, fingerprint, label_names,
                     {"load_data_s": t1 - t0, "load_model_s": t2 - t1, "featurize_s": t3 - t2})
@@ -310,11 +307,11 @@ def _train(cfg: TrainConfig, out: Path, manifest: dict[str, Any], device_name: s
     manifest.update(head_fingerprint=prep.head_fingerprint, head_keys=prep.head_keys, device=str(device),
                     n_train_features=len(prep.train), vocab_size=model.config.vocab_size,
                     parameters=models.count_parameters(model), trainable=models.count_parameters(model, True))
-    if cfg.head != "train" and not cfg.head.startswith("init:"):
-        manifest["head_file"] = str(Path(cfg.head).resolve())
+    if cfg.head_file:
+        manifest["head_file"] = str(cfg.head_file.resolve())
     write_json(out / "manifest.json", manifest)
     frozen_head = {k: v.detach().clone() for k, v in model.state_dict().items() if k in prep.head_keys} \
-        if cfg.head not in ("train",) and not cfg.head.startswith("init:") else None
+        if cfg.head_file else None
 
     steps_per_epoch = math.ceil(len(prep.train) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
