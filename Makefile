@@ -31,7 +31,7 @@ test: install
 	$(BIN)/python -m pytest -q tests
 
 demo: install
-	$(BIN)/python -m ofa_lib.demo
+	$(BIN)/python -m ofa_lib.grid run params/grids/demo.yaml --backend local
 
 reproduce-paper: install
 	mkdir -p outputs/reports/paper
@@ -40,9 +40,19 @@ reproduce-paper: install
 	mv outputs/reports/paper/.04_analysis.tmp.ipynb outputs/reports/paper/04_analysis.ipynb
 	$(BIN)/python -m ofa_lib.report render outputs/reports/paper/04_analysis.ipynb
 
+# ~15 min on a quiet 2-core machine; each script writes benchmarks/raw/<name>.json (stale CPU results are
+# removed first; GPU JSONs from `--device cuda` runs are kept), then make_results.py writes RESULTS.md.
+# A failing script is reported and the others still run; make exits non-zero at the end.
+BENCHES := averaging accumulative storage training eval e2e
 bench: install
-	$(BIN)/python benchmarks/bench_averaging.py --out benchmarks/averaging.md
-	$(BIN)/python benchmarks/bench_training.py --out benchmarks/training.md
+	rm -f $(addprefix benchmarks/raw/,averaging.json accumulative.json storage.json eval_cache.json \
+		training.json evaluation.json e2e.json)
+	status=0; for b in $(BENCHES); do \
+		echo "== benchmarks/bench_$$b.py"; start=$$(date +%s); \
+		TOKENIZERS_PARALLELISM=false $(BIN)/python benchmarks/bench_$$b.py || { status=1; echo "!! bench_$$b.py failed"; }; \
+		echo "== bench_$$b.py: $$(( $$(date +%s) - start )) s"; \
+	done; \
+	$(BIN)/python benchmarks/make_results.py; exit $$status
 
 clean-outputs:
 	rm -rf outputs/runs outputs/results outputs/reports outputs/data

@@ -24,6 +24,7 @@ import hashlib
 import json
 import math
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
@@ -160,18 +161,53 @@ def head_fingerprint(state_dict: Mapping[str, torch.Tensor], head_prefixes: Sequ
     return h.hexdigest()
 
 
-def _open_streaming(path: Path):
-    """``safe_open`` whose tensors own their memory (``pread`` backend, safetensors >= 0.8).
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
 
-    With the default ``mmap`` backend every tensor read stays resident as file-backed pages
-    of the open file's mapping until the handle is closed, so holding N handles open while
-    streaming would grow RSS to N models. Older safetensors without ``backend`` fall back to
-    ``mmap`` (same result, higher RSS).
+
+class _TensorReader:
+    """Reads whole tensors or blocks of rows of a safetensors file with ``os.pread``.
+
+    Every read returns memory the caller owns (nothing stays resident as pages of a mapping, as
+    with safetensors' default mmap backend, where N open files would grow RSS to N models), and a
+    block of rows reads only its own bytes.
     """
-    try:
-        return safe_open(str(path), framework="pt", backend="pread")
-    except TypeError:
-        return safe_open(str(path), framework="pt")
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.fd = os.open(path, os.O_RDONLY)
+        (n,) = struct.unpack("<Q", os.pread(self.fd, 8, 0))
+        self.header = json.loads(os.pread(self.fd, n, 8))
+        self.base = 8 + n
+
+    def get_rows(self, key: str, rows: slice | None = None) -> torch.Tensor:
+        entry = self.header[key]
+        dtype, shape = _DTYPES[entry["dtype"]], list(entry["shape"])
+        start, stop = entry["data_offsets"]
+        if rows is not None:
+            row_bytes = (stop - start) // shape[0]
+            start, stop = start + rows.start * row_bytes, start + rows.stop * row_bytes
+            shape[0] = rows.stop - rows.start
+        buf = bytearray(stop - start)
+        view, done = memoryview(buf), 0
+        while done < len(buf):
+            got = os.preadv(self.fd, [view[done:]], self.base + start + done)
+            if got <= 0:
+                raise OSError(f"{self.path}: short read of {key!r}")
+            done += got
+        if not buf:
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(buf, dtype=dtype).reshape(shape)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def __enter__(self) -> "_TensorReader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 # --------------------------------------------------------------------------- checks
@@ -285,8 +321,9 @@ def average_checkpoints(
     """Weighted mean of checkpoints, streamed tensor by tensor with fp32 accumulation.
 
     All headers are checked first (files exist; same keys, shapes and head fingerprint). Then,
-    for each key, that tensor is read from each file in turn and accumulated, so memory holds
-    the output model plus O(one tensor) whatever ``len(paths)``. ``weights`` (default uniform)
+    for each key, that tensor is read from each file in turn and accumulated (tensors above
+    ``_BLOCK`` elements block of rows by block of rows), so memory holds the output model plus a
+    16 MiB accumulator, whatever ``len(paths)`` and the size of the embedding table. ``weights`` (default uniform)
     must be non-negative with a positive sum and are normalised; zero-weight files are checked
     but not read. Output dtype: ``dtype``, else each tensor's dtype in the first file.
     With ``out_path`` the result is written atomically (metadata: shared input metadata, the
@@ -296,53 +333,54 @@ def average_checkpoints(
     infos = _inspect_all(paths)
     w = _check_weights(weights, len(infos))
     total = sum(w)
-    # one fp32 accumulator sized for the largest tensor (a view of it per key) and one small
-    # upcast buffer: no per-read allocations besides the tensor read itself
-    largest = max((math.prod(shape) for shape in infos[0].shapes.values()), default=0)
-    acc_buf = torch.empty(largest, dtype=torch.float32)
-    scratch = torch.empty(max(1, min(largest, _CHUNK)), dtype=torch.float32)
+    # large tensors are averaged in blocks of rows through one small fp32 accumulator, so memory
+    # holds the output model plus O(_BLOCK) elements, however large the embedding table
+    widest_row = max((math.prod(sh[1:]) for sh in infos[0].shapes.values() if len(sh) > 1), default=0)
+    acc_buf = torch.empty(max(_BLOCK, widest_row), dtype=torch.float32)
+    scratch = torch.empty(_CHUNK, dtype=torch.float32)
     result: StateDict = {}
     with contextlib.ExitStack() as stack:
-        handles = [stack.enter_context(_open_streaming(i.path)) for i in infos]
+        handles = [stack.enter_context(_TensorReader(i.path)) for i in infos]
         for key, shape in infos[0].shapes.items():
-            acc: torch.Tensor | None = None  # fp32 weighted sum (floating tensors)
             const: torch.Tensor | None = None  # copied value (non-floating tensors)
-            out_dtype: torch.dtype | None = None
-            for info, handle, wi in zip(infos, handles, w):
-                if wi == 0:
-                    continue
-                t = handle.get_tensor(key)
-                if (acc is not None and not t.is_floating_point()) or (
-                    const is not None and t.is_floating_point()
-                ):
-                    raise CheckpointMismatchError(
-                        f"tensor {key!r} is floating in some inputs and not in others ({info.path})"
-                    )
-                if not t.is_floating_point():  # must be identical everywhere
-                    if const is None:
-                        const = t.clone()
-                    elif t.dtype != const.dtype or not torch.equal(t, const):
+            out: torch.Tensor | None = None
+            for rows in _row_blocks(shape):
+                acc: torch.Tensor | None = None  # fp32 weighted sum of this block (floating tensors)
+                for info, handle, wi in zip(infos, handles, w):
+                    if wi == 0:
+                        continue
+                    t = handle.get_rows(key, rows)
+                    if (acc is not None and not t.is_floating_point()) or (const is not None and t.is_floating_point()):
                         raise CheckpointMismatchError(
-                            f"non-floating tensor {key!r} differs between {infos[0].path} and {info.path}"
-                        )
-                elif acc is None:
-                    out_dtype = dtype or t.dtype
-                    acc = acc_buf[: t.numel()].view(shape)
-                    acc.copy_(t)
-                    if wi != 1.0:
-                        acc.mul_(wi)
-                else:
-                    _accumulate(acc, t, wi, scratch)
-                del t  # free this input tensor before reading the next one
-            if acc is None:
+                            f"tensor {key!r} is floating in some inputs and not in others ({info.path})")
+                    if not t.is_floating_point():  # must be identical everywhere
+                        if const is None:
+                            const = t.clone()
+                        elif t.dtype != const.dtype or not torch.equal(t, const):
+                            raise CheckpointMismatchError(
+                                f"non-floating tensor {key!r} differs between {infos[0].path} and {info.path}")
+                    elif acc is None:
+                        if out is None:
+                            out = torch.empty(shape, dtype=dtype or t.dtype)
+                        acc = acc_buf[: t.numel()].view(t.shape)
+                        acc.copy_(t)
+                        if wi != 1.0:
+                            acc.mul_(wi)
+                    else:
+                        _accumulate(acc, t, wi, scratch)
+                    del t  # free this input block before reading the next one
+                if acc is None:
+                    continue
+                if total != 1.0:
+                    acc.div_(total)
+                block = out[rows] if rows is not None else out
+                block.copy_(acc)
+                _check_finite(key, block)  # NaN/inf in an input, or overflow of the output dtype
+            if out is None:
                 assert const is not None
                 result[key] = const
-                continue
-            if total != 1.0:
-                acc.div_(total)
-            out = acc.to(out_dtype, copy=True)
-            _check_finite(key, out)  # NaN/inf in an input, or overflow of the output dtype
-            result[key] = out
+            else:
+                result[key] = out
     if out_path is None:
         return result
     method = "uniform_mean" if weights is None else "weighted_mean"
@@ -351,6 +389,17 @@ def average_checkpoints(
 
 
 _CHUNK = 1 << 20  # elements of the fp32 scratch buffer used to upcast bf16/fp16 inputs (4 MiB)
+_BLOCK = 1 << 22  # elements of the fp32 accumulator (16 MiB): larger tensors are averaged in blocks of rows
+
+
+def _row_blocks(shape: Sequence[int]) -> list[slice | None]:
+    """Row slices that keep each block within ``_BLOCK`` elements (``[None]``: the whole tensor)."""
+    numel = math.prod(shape)
+    if numel <= _BLOCK or len(shape) == 0:
+        return [None]
+    per_row = max(1, numel // shape[0])
+    step = max(1, _BLOCK // per_row)
+    return [slice(a, min(a + step, shape[0])) for a in range(0, shape[0], step)]
 
 
 def _accumulate(acc: torch.Tensor, t: torch.Tensor, weight: float, scratch: torch.Tensor) -> None:

@@ -634,7 +634,8 @@ def report(grid: Grid, *, partial: bool = False) -> list[Path]:
     written = []
     out = grid.reports_dir
     if grid.data_prep is not None:
-        written.append(execute_notebook("01_data_prep.ipynb", out / "01_data_prep.ipynb", dict(task=grid.task, **grid.data_prep)))
+        executed = execute_notebook("01_data_prep.ipynb", out / "01_data_prep.ipynb", dict(task=grid.task, **grid.data_prep))
+        written += [executed, rp.render(executed, out / "data.html")]
     context = pipeline_context(grid)
     for step in grid.pipeline:
         declared = notebook_parameters(NOTEBOOKS / step.notebook)

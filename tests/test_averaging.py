@@ -366,10 +366,20 @@ def _big_model_files(tmp: Path, n: int, rows: int = 256) -> tuple[list[Path], in
 def test_streaming_reads_one_tensor_at_a_time(tmp_path: Path, monkeypatch) -> None:
     paths, model_bytes, tensor_bytes = _big_model_files(tmp_path, 8, rows=64)
     spy = _SpyOpen()
-    monkeypatch.setattr(averaging, "safe_open", spy)
+    inner = averaging._TensorReader.get_rows
+
+    def get_rows(reader, key, rows=None):  # count reads per (file, key); track the bytes alive
+        t = inner(reader, key, rows)
+        spy.reads[(reader.path.name, key)] = spy.reads.get((reader.path.name, key), 0) + 1
+        spy.live += t.untyped_storage().nbytes()
+        spy.peak = max(spy.peak, spy.live)
+        weakref.finalize(t, spy._freed, t.untyped_storage().nbytes())
+        return t
+
+    monkeypatch.setattr(averaging._TensorReader, "get_rows", get_rows)
     average_checkpoints(paths)
     assert set(spy.reads.values()) == {1} and len(spy.reads) == 8 * 4
-    # one file-backed tensor alive at a time, never N models
+    # one tensor read alive at a time, never N models
     assert spy.peak == tensor_bytes < model_bytes
 
     spy2 = _SpyOpen()
@@ -463,3 +473,25 @@ def test_greedy_soup_leaves_out_the_bad_candidate(tmp_path: Path) -> None:
     meta = read_metadata(out)
     assert json.loads(meta["ofa_greedy_soup"])["kept"] == kept
     assert len(json.loads(meta["ofa_average_inputs"])) == 3
+
+
+def test_large_tensors_are_averaged_in_row_blocks(tmp_path, monkeypatch):
+    """Blocks of rows (a tiny _BLOCK here) give the same mean as whole tensors, for any row width."""
+    from ofa_lib import averaging as A
+
+    gen = torch.Generator().manual_seed(0)
+    states = [{"emb": torch.randn(37, 5, generator=gen).to(torch.bfloat16), "wide": torch.randn(2, 40, generator=gen),
+               "vec": torch.randn(23, generator=gen), "step": torch.tensor(3)} for _ in range(3)]
+    paths = []
+    for i, st in enumerate(states):
+        paths.append(tmp_path / f"{i}.safetensors")
+        A.save_checkpoint(st, paths[-1])
+    whole = A.average_checkpoints(paths)
+    monkeypatch.setattr(A, "_BLOCK", 16)
+    assert A._row_blocks((37, 5))[:2] == [slice(0, 3), slice(3, 6)] and A._row_blocks((2, 40)) == [slice(0, 1), slice(1, 2)]
+    blocked = A.average_checkpoints(paths)
+    for key in whole:
+        assert blocked[key].dtype == whole[key].dtype
+        torch.testing.assert_close(blocked[key], whole[key], rtol=0, atol=0)
+    expected = torch.stack([st["emb"].float() for st in states]).mean(0).to(torch.bfloat16)
+    torch.testing.assert_close(blocked["emb"], expected)
