@@ -100,6 +100,11 @@ class TrainConfig:
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
     max_grad_norm: float = 1.0
+    optimizer: str = "adamw"          # adamw | sam | fisher_penalty (ofa_lib.optim)
+    sam_rho: float = 0.05             # SAM neighbourhood radius
+    fisher_penalty_weight: float = 0.01  # λ of the Fisher penalty
+    measures: list[str] = field(default_factory=list)  # ofa_lib.measures recorded at every snapshot
+    measure_examples: int = 64        # examples per measure data set (English dev, each target dev, train)
     precision: str = "fp32"
     storage_dtype: str = "fp16"
     top_k: int = 0
@@ -107,6 +112,12 @@ class TrainConfig:
     map_date_to_o: bool = True
     eval_batch_size: int = 64
     save_resume_state: bool = True
+    unfreeze: str = "none"            # none | lpft | gu | gu_reverse | random | fun (ofa_lib.unfreezing)
+    unfreeze_every: int = 50          # k: steps between unfreezing events
+    adapters: int = 0                 # 0: full fine-tuning; r > 0: bottleneck task adapters (reduction r, MAD-X: 16)
+    fisher_every: int = 0             # m: record tr(F) per block every m steps (0: off)
+    fisher_batches: int = 40          # training batches per tr(F) estimate (also FUN's)
+    fisher_labels: str = "sample"     # sample (true Fisher) | argmax (the authors' code)
 
     # ----------------------------------------------------------------- identity
     def canonical(self) -> dict[str, Any]:
@@ -199,8 +210,32 @@ def validate(cfg: TrainConfig) -> None:
     _check(0 <= cfg.weight_decay < 1, "weight_decay", cfg.weight_decay, "a number in [0, 1)")
     _check(0 <= cfg.warmup_ratio < 1, "warmup_ratio", cfg.warmup_ratio, "a number in [0, 1)")
     _check(cfg.max_grad_norm > 0, "max_grad_norm", cfg.max_grad_norm, "a positive number")
+    from . import measures as _measures, optim as _optim
+    _check(cfg.optimizer in _optim.METHODS, "optimizer", cfg.optimizer, f"one of {_optim.METHODS}")
+    _check(isinstance(cfg.sam_rho, (int, float)) and cfg.sam_rho > 0, "sam_rho", cfg.sam_rho, "a positive number")
+    _check(isinstance(cfg.fisher_penalty_weight, (int, float)) and cfg.fisher_penalty_weight >= 0,
+           "fisher_penalty_weight", cfg.fisher_penalty_weight, "a non-negative number")
+    _check(isinstance(cfg.measures, list), "measures", cfg.measures, f"a list of names among {_measures.MEASURES}")
+    try:
+        _measures.check_supported(cfg.task, cfg.measures)
+    except _measures.MeasureError as exc:
+        raise ConfigError(f"parameter measures={cfg.measures!r} is invalid: {exc}") from None
+    _check(isinstance(cfg.measure_examples, int) and cfg.measure_examples > 0, "measure_examples",
+           cfg.measure_examples, "a positive integer")
     _check(cfg.precision in PRECISIONS, "precision", cfg.precision, f"one of {PRECISIONS}")
     _check(cfg.storage_dtype in STORAGE_DTYPES, "storage_dtype", cfg.storage_dtype, f"one of {STORAGE_DTYPES}")
+    from .unfreezing import FISHER_LABELS, SCHEDULES
+    _check(cfg.unfreeze in SCHEDULES, "unfreeze", cfg.unfreeze, f"one of {SCHEDULES}")
+    for name in ("unfreeze_every", "fisher_batches"):
+        value = getattr(cfg, name)
+        _check(isinstance(value, int) and not isinstance(value, bool) and value > 0, name, value, "a positive integer")
+    for name in ("adapters", "fisher_every"):
+        value = getattr(cfg, name)
+        _check(isinstance(value, int) and not isinstance(value, bool) and value >= 0, name, value,
+               "a non-negative integer" + (" (0: off, else the reduction factor, e.g. 16)" if name == "adapters" else " (0: off)"))
+    _check(cfg.fisher_labels in FISHER_LABELS, "fisher_labels", cfg.fisher_labels, f"one of {FISHER_LABELS}")
+    _check(cfg.unfreeze != "lpft" or cfg.head_file is None, "unfreeze",
+           cfg.unfreeze, "not 'lpft' with a frozen head file (nothing would train for the first unfreeze_every steps)")
     for name in ("train_dataset", "source_dev_dataset", *[f"target_datasets[{i}]" for i in range(len(cfg.target_datasets))]):
         dataset = getattr(cfg, name) if "[" not in name else cfg.target_datasets[int(name.split("[")[1][:-1])]
         _check(dataset in data.DATASETS, name, dataset, f"one of {sorted(data.DATASETS)}")

@@ -51,7 +51,11 @@ from .config import TrainConfig
 from .paths import outputs_dir
 
 # config fields that may differ between runs that are combined (everything else must match)
-FREE_PARAMS = ("lr", "batch_size", "seed", "head")
+# how a run is optimised or measured, not its data, vocabulary or head: runs may differ in these and
+# still be averaged (AdamW and SAM runs, runs that record different measures or tr(F) tracking)
+PROCEDURE_PARAMS = ("optimizer", "sam_rho", "fisher_penalty_weight", "measures", "measure_examples",
+                    "fisher_every", "fisher_batches", "fisher_labels")
+FREE_PARAMS = ("lr", "batch_size", "seed", "head") + PROCEDURE_PARAMS
 AVERAGE_VARIANTS = ("last", "src_dev", "ca")
 RUN_COLUMNS = ["run_id", "task", "lr", "batch_size", "seed", "head", "head_fingerprint", "vocab_size",
                "top_k", "path"]

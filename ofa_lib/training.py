@@ -32,7 +32,9 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from . import averaging, data, evaluation, features, metrics, models
+from . import averaging, data, evaluation, features, locks, metrics, models
+from . import adapters as adapters_lib, unfreezing
+from . import measures as measures_lib, optim
 from .config import TrainConfig, validate
 from .io import write_json, write_parquet
 from .paths import REPO_ROOT, outputs_dir
@@ -82,6 +84,7 @@ def environment_info() -> dict[str, Any]:
         "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
         "platform": platform.platform(), "git_commit": commit, "threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "host": platform.node(), "slurm_job_id": locks.job_id(),
     }
     return info
 
@@ -205,8 +208,11 @@ def prepare(cfg: TrainConfig) -> Prepared:
         trim = [t for _, ds in [(None, train_raw)] + dev_raw + test_raw for t in evaluation.texts_of(cfg.task, ds)]
     t1 = time.perf_counter()
     model, tokenizer = models.load_pretrained(
-        cfg.model_name, cfg.task, label_names=label_names, freeze_embeddings=cfg.freeze_embeddings, trim_corpus=trim)
+        cfg.model_name, cfg.task, label_names=label_names, freeze_embeddings=cfg.freeze_embeddings, trim_corpus=trim,
+        attn_implementation=optim.attn_implementation(cfg.optimizer))  # Fisher penalty: eager (double backward)
     keys, fingerprint = setup_head(model, cfg)
+    if cfg.adapters:  # task adapters after the head is set up: they are no head keys; the base model freezes
+        adapters_lib.add_adapters(model, cfg.adapters)
     t2 = time.perf_counter()
     feat = dict(max_length=cfg.max_length, doc_stride=cfg.doc_stride, label_all_subtokens=cfg.label_all_subtokens)
     train = features.featurize(cfg.task, train_raw, tokenizer, train=True, **feat)
@@ -346,6 +352,11 @@ def _train(cfg: TrainConfig, out: Path, manifest: dict[str, Any], device_name: s
     train_rows = prep.train.select_columns(
         [c for c in ("input_ids", "attention_mask", "token_type_ids", "labels", "start_positions", "end_positions")
          if c in prep.train.column_names]).to_list()
+    measure_data = measures_lib.MeasureData.from_prepared(  # the same batches (seed 0) for every snapshot and run
+        prep, cfg.model_name, n_examples=cfg.measure_examples) if cfg.measures else None
+    unfreezer = unfreezing.Unfreezer.create(cfg, model, train_rows, prep.tokenizer.pad_token_id, device, autocast)
+    if unfreezer:  # freeze the scheduled blocks (all in the optimizer already); re-apply a resumed run's events
+        unfreezer.start(state)
     model.train()
     t_train = time.perf_counter()
     bar = tqdm(total=total_steps, initial=state["step"], desc=f"train {cfg.run_id}", disable=not progress)
@@ -355,15 +366,15 @@ def _train(cfg: TrainConfig, out: Path, manifest: dict[str, Any], device_name: s
         epoch = step // steps_per_epoch
         order = torch.randperm(len(prep.train), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch)).tolist()
         for b in range(step - epoch * steps_per_epoch, steps_per_epoch):
+            if unfreezer:  # tr(F) when due, then the unfreezing events of this step (not timed as a step)
+                unfreezer.before_step(step, state, step / steps_per_epoch)
             t_step = time.perf_counter()
             batch = features.collate([train_rows[i] for i in order[b * cfg.batch_size:(b + 1) * cfg.batch_size]],
                                      prep.tokenizer.pad_token_id)
             batch = {k: v.to(device) for k, v in batch.items()}
-            with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-                loss = model(**batch).loss
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
-            optimizer.step()
+            loss, grad_norm = optim.train_step(  # adamw: forward, backward, clip, step; or SAM / Fisher penalty
+                model, batch, optimizer, method=cfg.optimizer, max_grad_norm=cfg.max_grad_norm, autocast_dtype=autocast,
+                sam_rho=cfg.sam_rho, fisher_penalty_weight=cfg.fisher_penalty_weight, seed=cfg.seed, step=step)
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step_seconds += time.perf_counter() - t_step
@@ -375,6 +386,10 @@ def _train(cfg: TrainConfig, out: Path, manifest: dict[str, Any], device_name: s
             if step in snaps:
                 _take_snapshot(cfg, model, state, step, step / steps_per_epoch, snaps, ca, evaluate_all, prep, save_variant, storage,
                                ckpt_dir)
+                if cfg.measures:  # generalization measures (fp32; the model comes back exactly as it was)
+                    state.setdefault("measures", []).extend(measures_lib.rows(
+                        measures_lib.compute(model, cfg.measures, measure_data, device=device), run_id=cfg.run_id,
+                        kind="snapshot", name=str(snaps.index(step) + 1), step=step, epoch=step / steps_per_epoch))
                 model.train()
                 if cfg.save_resume_state and step < total_steps:
                     state["step"] = step
@@ -385,6 +400,8 @@ def _train(cfg: TrainConfig, out: Path, manifest: dict[str, Any], device_name: s
             if step >= total_steps:
                 break
     bar.close()
+    if unfreezer:  # final tr(F), fisher.parquet, the schedule applied → manifest
+        unfreezer.finish(step, state, step / steps_per_epoch, out, cfg.run_id, manifest)
     train_seconds = time.perf_counter() - t_train
 
     # LAST and CA; then score every kept variant from its stored checkpoint
@@ -420,7 +437,13 @@ def _train(cfg: TrainConfig, out: Path, manifest: dict[str, Any], device_name: s
         else:
             model.load_state_dict(averaging.load_checkpoint(ckpt_dir / f"{name}.safetensors", dtype=torch.float32))
             scores = evaluate_all(prep.dev_sets + prep.test_sets, name)
+            if cfg.measures:  # CA is no snapshot: measure its weights here
+                state.setdefault("measures", []).extend(measures_lib.rows(
+                    measures_lib.compute(model, cfg.measures, measure_data, device=device), run_id=cfg.run_id,
+                    kind="variant", name=name, step=step, epoch=step / steps_per_epoch))
         rows += tidy_rows(cfg, "variant", name, scores, step, step / steps_per_epoch)
+    if cfg.measures:
+        write_parquet(out / "measures.parquet", measures_lib.with_variant_rows(state["measures"], source_snapshot))
     write_parquet(out / "metrics.parquet", pd.DataFrame(rows))
     write_parquet(out / "train_log.parquet", pd.DataFrame(state["log"]))
     shutil.rmtree(out / "resume", ignore_errors=True)

@@ -157,6 +157,17 @@ def train_notebook() -> nbformat.NotebookNode:
             "top_k = None                 # keep the k best snapshots by English dev (for soups)\n"
             "label_all_subtokens = None   # NER: the authors' sub-token labelling and scoring\n"
             "eval_batch_size = None\n"
+            "optimizer = None             # adamw (default) | sam | fisher_penalty (ofa_lib.optim)\n"
+            "sam_rho = None               # SAM radius (0.05)\n"
+            "fisher_penalty_weight = None # λ of the Fisher penalty (0.01)\n"
+            "measures = None              # e.g. [\"margin_src\", \"margin_trg\", \"frobenius\"]: recorded at every snapshot\n"
+            "measure_examples = None      # examples per measure data set (64)\n"
+            "unfreeze = None              # none | lpft | gu | gu_reverse | random | fun (ofa_lib.unfreezing)\n"
+            "unfreeze_every = None        # k: steps between unfreezing events (50)\n"
+            "adapters = None              # 0: full fine-tuning; r: bottleneck task adapters, reduction r (MAD-X: 16)\n"
+            "fisher_every = None          # m: tr(F) per block every m steps into fisher.parquet (0: off)\n"
+            "fisher_batches = None        # training batches per tr(F) estimate (40)\n"
+            "fisher_labels = None         # sample (true Fisher) | argmax (the authors' code)\n"
             "output_root = None           # default outputs/runs\n"
             "device = None                # default: cuda if available else cpu\n"
             "threads = None               # torch CPU threads\n",
@@ -235,7 +246,251 @@ def average_notebook() -> nbformat.NotebookNode:
     return new_notebook(cells=cells, metadata=KERNEL)
 
 
+def measures_notebook() -> nbformat.NotebookNode:
+    cells = [
+        new_code_cell(
+            "# Parameters\n"
+            "task = \"sib\"                 # nli | ner | qa | sib\n"
+            "runs_root = None             # default outputs/runs\n"
+            "results_path = None          # the results store 03_average wrote (runs' rows + averages); None: outputs/results/<task>.parquet,\n"
+            "                             # or only the runs' own rows when that file does not exist\n"
+            "report_name = \"measures\"     # → outputs/reports/<report_name>/ unless output_dir is given\n"
+            "output_dir = None\n"
+            "description = \"\"             # shown at the top (grids pass theirs)\n"
+            "measures = [\"margin_src\", \"margin_trg\", \"sharpness_jiang\", \"sharpness_diff\", \"frobenius\", \"fisher_trace\"]\n"
+            "variants = [\"last\", \"src_dev\", \"ca\", \"trg_dev\"]  # checkpoints measured (and correlated) per run\n"
+            "n_examples = None            # examples per measure data set; None: the runs' measure_examples\n"
+            "measure_options = {}         # per measure keyword arguments, e.g. {\"sharpness_jiang\": {\"alpha\": 5e-4, \"steps\": 3}}\n"
+            "n_bootstrap = 1000           # bootstrap resamples for the rank-correlation intervals\n"
+            "seed = 0                     # bootstrap seed\n"
+            "sampling_seeds = \"all\"       # samplings used by the selection table (\"all\", \"authors\" or a list)\n"
+            "n_samplings = 10             # samplings drawn when the results store has no averages\n"
+            "r_max = 10\n"
+            "flat_variant = \"ca\"          # whose weights are averaged for the flatness question\n"
+            "flat_samplings = 3           # how many samplings' averages are measured (0: skip)\n"
+            "device = None                # default: cuda if available else cpu\n"
+            "threads = None               # torch CPU threads\n",
+            metadata={"tags": ["parameters"]}),
+        new_markdown_cell(
+            "# 05 · Generalization measures: do label-free signals pick models as well as averaging?\n\n"
+            "For every run of a pool and each of its kept checkpoints (LAST, SRC-DEV, CA, TRG-DEV) this notebook takes "
+            "the generalization measures of `ofa_lib.measures` — margin on English dev (labels), label-free margin "
+            "(top-1 − top-2 probability) on unlabelled target-language dev text, Jiang et al.'s worst-case sharpness in "
+            "a relative box, the difference-based sharpness at random nearby points, the Frobenius distance of the "
+            "encoder from its pretrained weights and tr(F) — from the runs' `measures.parquet` where training recorded "
+            "them, else computed on the stored checkpoints. It then asks (1) how well each measure ranks checkpoints by "
+            "target-language test score (Spearman ρ, Kendall τ, bootstrap 95% intervals), (2) how selecting one run by a "
+            "measure compares with Max SRC-DEV, Max TRG-DEV (an oracle: it sees target labels) and accumulative "
+            "averaging in the Table-1 layout, and (3) whether averaged weights are flatter than the runs they average.\n\n"
+            "Run headless: `papermill notebooks/05_measures.ipynb out.ipynb -p task sib -p runs_root outputs/runs/<grid>`; "
+            "in a grid: a `pipeline` step after `03_average.ipynb`."),
+        new_code_cell(
+            "import warnings\n"
+            "from pathlib import Path\n"
+            "import pandas as pd\n"
+            "import torch\n"
+            "from IPython.display import Markdown, display\n"
+            "from ofa_lib import crossrun, label_free, measures as M, report, results, selection\n\n"
+            "if threads:\n"
+            "    torch.set_num_threads(int(threads))\n"
+            "M.check_supported(task, measures)  # fails here, naming the measure, before any work\n"
+            "out = Path(output_dir) if output_dir else report.report_dir(report_name)\n"
+            "out.mkdir(parents=True, exist_ok=True)\n"
+            "runs = label_free.find_runs(runs_root, task)  # same data, head and vocabulary; optimizers may differ\n"
+            "results_path = Path(results_path) if results_path else crossrun.default_results_path(task)\n"
+            "own = crossrun.collect_run_metrics(runs)\n"
+            "tidy = results.read(results_path) if results_path.is_file() else own\n"
+            "tidy = tidy[~tidy[\"kind\"].isin([\"snapshot\", \"variant\"]) | tidy[\"run_id\"].isin(runs[\"run_id\"])]\n"
+            "with warnings.catch_warnings():\n"
+            "    warnings.simplefilter(\"ignore\")\n"
+            "    data = selection.CrossRunData.from_tidy(pd.concat([tidy[~tidy[\"kind\"].isin([\"snapshot\", \"variant\"])], own]),\n"
+            "                                            task, n_samplings=n_samplings, r_max=r_max)\n"
+            "if description:\n"
+            "    display(Markdown(description))\n"
+            "runs.drop(columns=[\"path\"]).set_index(\"run_id\")"),
+        new_markdown_cell(
+            "## The measures of every checkpoint\n\n"
+            "`source`: *recorded* during training (at the snapshot the variant was taken from; CA measured at the end) "
+            "or *computed* here on the stored checkpoint (fp32, the same batches for every run). Seconds per value "
+            "are wall-clock on this machine."),
+        new_code_cell(
+            "rows = label_free.measure_table(runs, measures, variants=variants, n_examples=n_examples, options=measure_options,\n"
+            "                                cache_path=out / \"measures_computed.parquet\", device=device)\n"
+            "report.write_csv(rows, out / \"measures.csv\")\n"
+            "frame = label_free.variant_frame(rows, data.run_table, runs)\n"
+            "report.write_csv(frame, out / \"checkpoints.csv\")\n"
+            "display(rows.groupby([\"measure\", \"source\"])[\"seconds\"].agg([\"count\", \"mean\"]).round(2))\n"
+            "frame.round(4)"),
+        new_markdown_cell(
+            "## Does the measure rank checkpoints like the target-language test score?\n\n"
+            "One point per (run, variant); Spearman ρ and Kendall τ with percentile-bootstrap 95% intervals. "
+            "`expected_sign`: +1 where a larger value should go with better transfer (margins), −1 where smaller "
+            "should (sharpness, distance, tr(F)). With few runs the intervals are wide: read them before the point "
+            "estimates."),
+        new_code_cell(
+            "corr = label_free.rank_correlations(frame, measures, \"test\", n_bootstrap=n_bootstrap, seed=seed)\n"
+            "report.write_csv(corr, out / \"rank_correlations.csv\")\n"
+            "display(corr.round(3))\n"
+            "report.save_figure(label_free.fig_correlations(frame, measures), out, \"measures_vs_test\")"),
+        new_markdown_cell(
+            "### Per snapshot (measures recorded during training) against the mean target **dev** score\n\n"
+            "Snapshots are only scored on dev sets, so this is the dev score; empty when no run recorded measures."),
+        new_code_cell(
+            "snaps = label_free.snapshot_frame(rows, own, runs)\n"
+            "if len(snaps):\n"
+            "    snap_corr = label_free.rank_correlations(snaps, measures, \"dev_trg\", n_bootstrap=n_bootstrap, seed=seed)\n"
+            "    report.write_csv(snaps, out / \"snapshots.csv\")\n"
+            "    report.write_csv(snap_corr, out / \"rank_correlations_snapshots.csv\")\n"
+            "    display(snap_corr.round(3))\n"
+            "else:\n"
+            "    print(\"no measures recorded at snapshots (train with measures=[...] to get them)\")"),
+        new_markdown_cell("## By optimizer: test score (×100) and measures, mean over runs"),
+        new_code_cell(
+            "cols = [c for c in [\"test\", *measures] if c in frame.columns]\n"
+            "by_opt = frame.assign(test=frame[\"test\"] * 100).groupby([\"optimizer\", \"variant\"])[cols].mean()\n"
+            "report.write_csv(by_opt.reset_index(), out / \"by_optimizer.csv\")\n"
+            "by_opt.round(4)"),
+        new_markdown_cell(
+            "## Selecting one run by a measure (Table-1 layout)\n\n"
+            "For each sampling and r the candidates are the same first r runs that Max SRC-DEV and accumulative "
+            "averaging see (the averages' members when `03_average` wrote them, else `selection.sample_runs`). "
+            "Test score ×100, mean ± std over samplings; Max TRG-DEV reports the TRG-DEV variant (an oracle), acc_avg "
+            "the measured accumulative averages."),
+        new_code_cell(
+            "ps = label_free.per_sampling_measures(data, frame, sampling_seeds)\n"
+            "table = label_free.selection_table(ps)\n"
+            "report.write_csv(table, out / \"selection_table.csv\")\n"
+            "display(label_free.wide_selection(table))\n"
+            "report.save_figure(label_free.fig_selection(table, \"ca\" if \"ca\" in variants else variants[0]), out, \"selection_vs_r\")"),
+        new_markdown_cell("## Which label-free selection comes closest to Max TRG-DEV?"),
+        new_code_cell(
+            "close = label_free.closest_to_trg_dev(ps)\n"
+            "report.write_csv(close, out / \"closest_to_trg_dev.csv\")\n"
+            "display(Markdown(label_free.closest_sentence(close, ps)))\n"
+            "close"),
+        new_markdown_cell(
+            "## Are averaged weights flatter than the runs they average?\n\n"
+            "The uniform average of the `flat_variant` weights of the r candidate runs of a sampling, measured like a "
+            "run; `flatter`: its sharpness is below every member's."),
+        new_code_cell(
+            "sharp = [m for m in measures if m.startswith(\"sharpness\")]\n"
+            "if flat_samplings and sharp and len(runs) > 1:\n"
+            "    sk = label_free.Skeleton(label_free._config(runs[\"path\"].iloc[0]), n_examples or int(label_free._config(runs[\"path\"].iloc[0]).measure_examples), device)\n"
+            "    flat = label_free.averaged_flatness(runs, data, frame, sk, variant=flat_variant,\n"
+            "                                        samplings=data.sampling_seeds[:flat_samplings], names=sharp, options=measure_options)\n"
+            "    report.write_csv(flat, out / \"averaged_flatness.csv\")\n"
+            "    display(Markdown(f\"Averages flatter than every member: {int(flat['flatter'].sum())} of {len(flat)} \"\n"
+            "                     f\"(sampling × measure); mean average / mean member sharpness: \"\n"
+            "                     + \", \".join(f\"{m}: {g['average'].mean():.4g} / {g['members_mean'].mean():.4g}\" for m, g in flat.groupby('measure'))))\n"
+            "    display(flat.drop(columns=[\"members\"]).round(5))\n"
+            "else:\n"
+            "    print(\"skipped (flat_samplings=0, no sharpness measure, or a single run)\")"),
+        new_markdown_cell(f"Tables (CSV) and figures (PNG, SVG) are in the output directory."),
+        new_code_cell("print(out)"),
+    ]
+    return new_notebook(cells=cells, metadata=KERNEL)
+
+
+def unfreezing_notebook() -> nbformat.NotebookNode:
+    cells = [
+        new_code_cell(
+            "# Parameters\n"
+            "task = \"sib\"                 # nli | ner | qa | sib\n"
+            "runs_root = None             # the runs (a grid's outputs/runs/<name>); default outputs/runs\n"
+            "report_name = \"unfreezing\"\n"
+            "output_dir = None            # default outputs/reports/<report_name>\n"
+            "variant = \"last\"             # the variant of each run in the transfer table\n"
+            "average_variants = [\"last\", \"ca\"]  # accumulative averaging per setting (0 settings: skipped)\n"
+            "r_max = 4                    # capped at the number of (lr, batch) configurations per setting\n"
+            "n_samplings = 3\n"
+            "device = None                # default: cuda if available else cpu\n"
+            "threads = None               # torch CPU threads\n",
+            metadata={"tags": ["parameters"]}),
+        new_markdown_cell(
+            "# 06 · Scheduled unfreezing and the trace of the Fisher information\n\n"
+            "Runs trained with `unfreeze` = `none` (standard), `lpft`, `gu` (top-down, one block every k steps), "
+            "`gu_reverse`, `random` or `fun` (next: the still-frozen block with the largest tr(F)), over the layers of a "
+            "fully fine-tuned model or over bottleneck task adapters (`adapters` = 16). A *setting* is a schedule, "
+            "`+ada16` with adapters. This notebook shows (1) tr(F) over training per setting (the paper's \"hill\"), "
+            "(2) the order FUN chose against GU's top-down diagonal, (3) transfer per setting like the paper's Table 2 "
+            "(mean ± std over runs), and (4) whether accumulative averaging of runs of one setting beats averaging "
+            "runs of another (e.g. GU vs standard), which neither paper measured.\n\n"
+            "Run headless: `papermill notebooks/06_unfreezing.ipynb out.ipynb -p runs_root outputs/runs/demo_unfreezing`, "
+            "or as the pipeline of `python -m ofa_lib.grid run params/grids/demo_unfreezing.yaml`."),
+        new_code_cell(
+            "from pathlib import Path\n"
+            "import torch\n"
+            "from ofa_lib import report, unfreezing\n\n"
+            "if threads:\n"
+            "    torch.set_num_threads(int(threads))\n"
+            "out = Path(output_dir) if output_dir else report.report_dir(report_name)\n"
+            "out.mkdir(parents=True, exist_ok=True)\n"
+            "runs = unfreezing.find_schedule_runs(runs_root, task)\n"
+            "runs.groupby(\"setting\")[[\"lr\", \"batch_size\", \"seed\", \"every\"]].agg(lambda x: sorted(set(x)))"),
+        new_markdown_cell(
+            "## tr(F) during training\n\n"
+            "Every `fisher_every` steps, tr(F) = E_x E_{y~p(y|x)} ‖∇ log p(y|x)‖² per block on `fisher_batches` fixed "
+            "training batches (labels drawn from the model; `fisher.parquet` of each run). Left: summed over the trainable "
+            "blocks and divided by their number, as the paper plots it (undefined before the first block is unfrozen); "
+            "right: summed over all blocks, trainable or not."),
+        new_code_cell(
+            "fisher = unfreezing.load_fisher(runs)\n"
+            "if len(fisher):\n"
+            "    curves = unfreezing.fisher_curve(fisher).merge(runs[[\"run_id\", \"setting\"]], on=\"run_id\")\n"
+            "    report.write_csv(curves, out / \"fisher_curves.csv\")\n"
+            "    display(report.save_figure(unfreezing.fig_fisher_curves(fisher), out, \"fisher_curves\"))\n"
+            "    display(curves.groupby(\"setting\").agg(peak=(\"mean_trainable\", \"max\"),\n"
+            "                                            peak_step=(\"mean_trainable\", lambda s: curves.step[s.idxmax()]),\n"
+            "                                            final=(\"total\", \"last\")))\n"
+            "else:\n"
+            "    print(\"no run recorded tr(F) (train with fisher_every > 0)\")"),
+        new_markdown_cell(
+            "## The order of unfreezing\n\n"
+            "Each event's block as its depth from the top (0 = the top layer) against the event's position; GU is the "
+            "dashed diagonal. Where FUN's dots follow it, FUN recovered the top-down schedule (the paper's Fig. 5)."),
+        new_code_cell(
+            "events = unfreezing.load_events(runs)\n"
+            "if len(events):\n"
+            "    report.write_csv(events, out / \"unfreezing_events.csv\")\n"
+            "    display(report.save_figure(unfreezing.fig_schedule_order(events), out, \"unfreezing_order\"))\n"
+            "    display(events.pivot_table(index=\"setting\", columns=\"position\", values=\"depth_from_top\", aggfunc=\"mean\").round(1))\n"
+            "else:\n"
+            "    print(\"no scheduled run\")"),
+        new_markdown_cell(
+            "## Transfer per setting (the paper's Table 2)\n\n"
+            "Primary metric ×100 of each run's `variant`: English (source dev; the runs score no English test), the "
+            "target language that is lowest on average over all runs, and the mean over target languages; mean ± std "
+            "over the runs of a setting (their seeds and learning rates)."),
+        new_code_cell(
+            "per_run, table2 = unfreezing.transfer_table(runs, variant)\n"
+            "report.write_csv(per_run, out / \"transfer_per_run.csv\")\n"
+            "report.write_csv(table2.reset_index(), out / \"transfer_table.csv\")\n"
+            "table2"),
+        new_markdown_cell(
+            "## Averaging across runs, per setting\n\n"
+            "Within each setting with at least two (lr, batch) configurations: Max. SRC-DEV against accumulative "
+            "averaging of the first r sampled runs (`crossrun.average_runs`, one results store per setting in the output "
+            "directory), target test mean ×100, mean ± std over samplings. Does averaging GU runs beat averaging "
+            "standard runs?"),
+        new_code_cell(
+            "t1 = unfreezing.averaging_by_setting(runs, out, variants=list(average_variants), r_max=r_max,\n"
+            "                                     n_samplings=n_samplings, device=device)\n"
+            "if len(t1):\n"
+            "    report.write_csv(t1, out / \"averaging_by_setting.csv\")\n"
+            "    display(report.save_figure(unfreezing.fig_averaging(t1, average_variants[0]), out, \"averaging_by_setting\"))\n"
+            "    display(t1.assign(cell=t1[\"mean\"].map(\"{:.1f}\".format) + \" ± \" + t1[\"std\"].map(\"{:.1f}\".format))\n"
+            "              .pivot_table(index=[\"setting\", \"r\"], columns=[\"selection\", \"variant\"], values=\"cell\", aggfunc=\"first\"))\n"
+            "else:\n"
+            "    print(\"no setting has two (lr, batch) configurations: nothing to average\")"),
+        new_markdown_cell("Tables (CSV) and figures (PNG, SVG) are in the output directory."),
+        new_code_cell("print(out)"),
+    ]
+    return new_notebook(cells=cells, metadata=KERNEL)
+
+
 if __name__ == "__main__":
     nbformat.write(data_prep_notebook(), "notebooks/01_data_prep.ipynb")
     nbformat.write(train_notebook(), "notebooks/02_train.ipynb")
     nbformat.write(average_notebook(), "notebooks/03_average.ipynb")
+    nbformat.write(measures_notebook(), "notebooks/05_measures.ipynb")
+    nbformat.write(unfreezing_notebook(), "notebooks/06_unfreezing.ipynb")
