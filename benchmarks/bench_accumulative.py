@@ -11,7 +11,7 @@ Accumulative averaging scores θ̄_r, the mean of the first r runs of a sampling
 
 Both yield fp32 state dicts as ``average_runs`` asks (``dtype=torch.float32``); nothing is
 evaluated (the evaluations are the same for both). Reads are counted, not assumed: the
-benchmark wraps ``safe_open`` inside ``ofa_lib.averaging`` and counts the tensor bytes each way
+benchmark wraps ``safe_open`` and the ``pread`` reader inside ``ofa_lib.averaging`` and counts the tensor bytes each way
 actually reads; "checkpoint reads" = bytes read ÷ bytes of one checkpoint's tensors. Synthetic
 checkpoints have the tensor shapes of multilingual-e5-small (117.5M parameters, as
 bench_averaging.py; ``--size-mb`` for a generic model of another size). Each (method,
@@ -76,6 +76,15 @@ def _child(method: str, samplings: int, paths: list[str]) -> None:
             return getattr(self._h, name)
 
     averaging.safe_open = Counting
+    real_rows = averaging._TensorReader.get_rows  # average_checkpoints reads through its own pread reader
+
+    def counting_rows(reader, key, rows=None):
+        t = real_rows(reader, key, rows)
+        counts["bytes"] += t.nbytes
+        counts["get_tensor"] += 1
+        return t
+
+    averaging._TensorReader.get_rows = counting_rows
     info = averaging.checkpoint_info(paths[0])  # header only (get_slice), not counted
     itemsize = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4}
     one = sum(int(np.prod(shape)) * itemsize[info.dtypes[k]] for k, shape in info.shapes.items())
@@ -170,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
             f"R = {r_max} runs per sampling, S = {s} samplings (orders: numpy seed = sampling index), one variant; "
             f"{model}, {info['params'] / 1e6:.1f}M parameters stored {args.dtype} ({file_mib:.0f} MiB per "
             f"checkpoint); {args.reps} repetitions, each method in a fresh process with {args.threads} torch "
-            "thread(s); median (min–max). Reads are counted by wrapping `safe_open` inside `ofa_lib.averaging` "
+            "thread(s); median (min–max). Reads are counted by wrapping `safe_open` and the `pread` reader inside `ofa_lib.averaging` "
             "(tensor bytes read ÷ one checkpoint's tensor bytes), so they are measured, not assumed. Files come from "
             "the page cache; evaluation of each θ̄_r (identical for both) is not included.\n\n"
             "**running** = `ofa_lib.averaging.running_average` (what `crossrun.average_runs` does: each checkpoint "
