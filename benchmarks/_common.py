@@ -151,6 +151,21 @@ def write_result(*, name: str, title: str, markdown: str, summary: list[dict[str
     return result
 
 
+def add_model_args(parser) -> None:
+    """``--device`` and ``--random-model``: where to run and which weights (the embedded model by default)."""
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--random-model", default=None, choices=sorted(RANDOM_MODELS),
+                        help="random weights of this size built from a config instead of the embedded model")
+
+
+def check_device(parser, device: str) -> None:
+    """Refuse ``--device cuda`` where no CUDA device is available (before any work)."""
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+
+
 def add_output_args(parser, name: str) -> None:
     """``--json`` (default ``benchmarks/raw/<name>.json``) and ``--out`` (a Markdown section)."""
     parser.add_argument("--json", type=Path, default=RAW_DIR / f"{name}.json",

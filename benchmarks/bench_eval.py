@@ -66,15 +66,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--random-model", default=None, choices=sorted(_c.RANDOM_MODELS),
-                    help="random weights of this size built from a config instead of the embedded model")
+    _c.add_model_args(ap)
     _c.add_output_args(ap, "evaluation")
     args = ap.parse_args(argv)
     if args.n < 1 or args.reps < 1:
         ap.error("--n and --reps must be >= 1")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        ap.error("--device cuda: no CUDA device is available")
+    _c.check_device(ap, args.device)
     torch.set_num_threads(args.threads)
     import datasets
 

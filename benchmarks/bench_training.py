@@ -81,15 +81,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--random-model", default=None, choices=sorted(_c.RANDOM_MODELS),
-                        help="random weights of this size built from a config instead of the embedded model")
+    _c.add_model_args(parser)
     _c.add_output_args(parser, "training")
     args = parser.parse_args(argv)
     if args.steps < 3 or args.repeats < 1:
         parser.error("--steps must be >= 3 and --repeats >= 1")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is available")
+    _c.check_device(parser, args.device)
     torch.set_num_threads(args.threads)
     from ofa_lib import config
 

@@ -344,7 +344,6 @@ def _train(cfg: TrainConfig, out: Path, manifest: dict[str, Any], device_name: s
     def save_variant(name: str, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
         averaging.save_checkpoint(tensors, ckpt_dir / f"{name}.safetensors", dtype=dtype, metadata=dict(meta, ofa_variant=name))
 
-
     def evaluate_all(sets: list[evaluation.EvalSet], what: str) -> dict[tuple[str, str, str], dict[str, float]]:
         return {s.key: evaluation.score(model, s, cfg.task, batch_size=cfg.eval_batch_size, device=device,
                                         autocast_dtype=autocast) for s in tqdm(sets, desc=what, leave=False, disable=not progress)}
@@ -354,6 +353,13 @@ def _train(cfg: TrainConfig, out: Path, manifest: dict[str, Any], device_name: s
          if c in prep.train.column_names]).to_list()
     measure_data = measures_lib.MeasureData.from_prepared(  # the same batches (seed 0) for every snapshot and run
         prep, cfg.model_name, n_examples=cfg.measure_examples) if cfg.measures else None
+
+    def record_measures(kind: str, name: str, at_step: int) -> None:
+        """Generalization measures of the current weights (fp32; the model comes back exactly as it was)."""
+        state.setdefault("measures", []).extend(measures_lib.rows(
+            measures_lib.compute(model, cfg.measures, measure_data, device=device), run_id=cfg.run_id,
+            kind=kind, name=name, step=at_step, epoch=at_step / steps_per_epoch))
+
     unfreezer = unfreezing.Unfreezer.create(cfg, model, train_rows, prep.tokenizer.pad_token_id, device, autocast)
     if unfreezer:  # freeze the scheduled blocks (all in the optimizer already); re-apply a resumed run's events
         unfreezer.start(state)
@@ -386,10 +392,8 @@ def _train(cfg: TrainConfig, out: Path, manifest: dict[str, Any], device_name: s
             if step in snaps:
                 _take_snapshot(cfg, model, state, step, step / steps_per_epoch, snaps, ca, evaluate_all, prep, save_variant, storage,
                                ckpt_dir)
-                if cfg.measures:  # generalization measures (fp32; the model comes back exactly as it was)
-                    state.setdefault("measures", []).extend(measures_lib.rows(
-                        measures_lib.compute(model, cfg.measures, measure_data, device=device), run_id=cfg.run_id,
-                        kind="snapshot", name=str(snaps.index(step) + 1), step=step, epoch=step / steps_per_epoch))
+                if cfg.measures:
+                    record_measures("snapshot", str(snaps.index(step) + 1), step)
                 model.train()
                 if cfg.save_resume_state and step < total_steps:
                     state["step"] = step
@@ -438,9 +442,7 @@ def _train(cfg: TrainConfig, out: Path, manifest: dict[str, Any], device_name: s
             model.load_state_dict(averaging.load_checkpoint(ckpt_dir / f"{name}.safetensors", dtype=torch.float32))
             scores = evaluate_all(prep.dev_sets + prep.test_sets, name)
             if cfg.measures:  # CA is no snapshot: measure its weights here
-                state.setdefault("measures", []).extend(measures_lib.rows(
-                    measures_lib.compute(model, cfg.measures, measure_data, device=device), run_id=cfg.run_id,
-                    kind="variant", name=name, step=step, epoch=step / steps_per_epoch))
+                record_measures("variant", name, step)
         rows += tidy_rows(cfg, "variant", name, scores, step, step / steps_per_epoch)
     if cfg.measures:
         write_parquet(out / "measures.parquet", measures_lib.with_variant_rows(state["measures"], source_snapshot))
