@@ -12,7 +12,7 @@ SHELL := /bin/bash
 # pip.conf on these machines names index folders that may not exist: hide that noise only
 QUIET := 2>&1 | { grep -v 'is ignored' || true; }
 
-.PHONY: install test demo reproduce-paper bench clean-outputs
+.PHONY: install test demo demo-sam demo-unfreezing reproduce-paper bench clean-outputs
 
 install: $(STAMP)
 
@@ -32,6 +32,13 @@ test: install
 
 demo: install
 	$(BIN)/python -m ofa_lib.grid run params/grids/demo.yaml --backend local
+
+# the extensions' demo grids (each within 20 min on a quiet 2-core CPU): 05_measures.html, 06 report.html
+demo-sam: install
+	$(BIN)/python -m ofa_lib.grid run params/grids/demo_sam.yaml --backend local
+
+demo-unfreezing: install
+	$(BIN)/python -m ofa_lib.grid run params/grids/demo_unfreezing.yaml --backend local
 
 reproduce-paper: install
 	mkdir -p outputs/reports/paper

@@ -7,8 +7,10 @@ parameter left as ``None`` takes the preset's value (``paper``, ``cpu`` or ``smo
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -124,10 +126,19 @@ class TrainConfig:
         """The parameters as a JSON-able dict with sorted keys (what ``run_id`` hashes)."""
         return json.loads(json.dumps(dataclasses.asdict(self), sort_keys=True))
 
+    def identity(self) -> dict[str, Any]:
+        """What ``run_id`` hashes: :meth:`canonical`, with a head file named by what it is, not where it lies
+        (``run:<id>`` for the ``head.safetensors`` of a run, else ``sha256:<its bytes>``), so that moving
+        ``outputs/`` keeps every run id."""
+        out = self.canonical()
+        if self.head_file is not None:
+            out["head"] = head_identity(self.head_file, self.task)
+        return out
+
     @property
     def run_id(self) -> str:
-        """Stable 12-hex-digit id: ``<task>-<sha256 of the canonical parameters>``."""
-        digest = hashlib.sha256(json.dumps(self.canonical(), sort_keys=True).encode()).hexdigest()
+        """Stable 12-hex-digit id: ``<task>-<sha256 of the identity parameters>``."""
+        digest = hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()
         return f"{self.task}-{digest[:12]}"
 
     # ----------------------------------------------------------------- data sets
@@ -157,6 +168,28 @@ class TrainConfig:
             langs = (self.target_langs or {}).get(dataset) or data.languages(dataset)
             out += [(dataset, lang) for lang in langs if lang != self.source_lang()]
         return out
+
+
+def head_identity(path: str | Path, task: str) -> str:
+    """A head file's location-independent name: ``run:<run id>`` for ``<outputs>/…/<run id>/head.safetensors``
+    (the head-tuning run's id hashes everything that made it; the file need not exist yet), else
+    ``sha256:<hash of the file's bytes>``."""
+    path = Path(path)
+    if path.name == "head.safetensors" and re.fullmatch(rf"{re.escape(task)}-[0-9a-f]{{12}}", path.parent.name):
+        return f"run:{path.parent.name}"
+    if not path.is_file():
+        return str(path)  # validate() reports it
+    stat = path.stat()
+    return "sha256:" + _file_sha256(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=64)
+def _file_sha256(path: str, mtime_ns: int, size: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
 
 
 def _check(condition: bool, name: str, value: Any, expected: str) -> None:

@@ -1,6 +1,7 @@
 """Grids of training runs (``params/grids/<name>.yaml``): validate, plan, run, status, report.
 
-A grid is the cartesian product of its ``grid`` axes over 02_train parameters. ``run`` trains the
+A grid is the cartesian product of its ``grid`` axes over 02_train parameters (or the union of several
+such products, when ``grid`` is a list). ``run`` trains the
 head-tuning run first where the grid has one, then every grid run, each by executing
 ``notebooks/02_train.ipynb`` with papermill (one kernel process per run), skipping finished runs
 and recording failed ones (``failure.json`` + the executed notebook with its error cell) while the
@@ -116,6 +117,7 @@ class Grid:
     pipeline: list[Step]
     workers: int
     slurm: Slurm
+    blocks: list[dict[str, list[Any]]] = field(default_factory=list)  # the cartesian products, unioned
     runs: list[Run] = field(default_factory=list)
 
     @property
@@ -188,14 +190,24 @@ def load_grid(grid: str | Path) -> Grid:
         raise _err(path, "preset", f"{spec['preset']!r}: expected one of {config.PRESETS}")
     fields = set(config.TrainConfig.__dataclass_fields__) - {"task", "preset"}
 
-    axes = spec["grid"]
-    if not isinstance(axes, dict) or not axes:
-        raise _err(path, "grid", "expected a non-empty mapping parameter -> list of values")
-    for key, values in axes.items():
-        if key not in fields:
-            raise _err(path, f"grid.{key}", f"not a 02_train parameter; known: {sorted(fields)}")
-        if not isinstance(values, list) or not values:
-            raise _err(path, f"grid.{key}", f"expected a non-empty list of values, got {values!r}")
+    raw_grid = spec["grid"]
+    blocks = raw_grid if isinstance(raw_grid, list) else [raw_grid]
+    if not blocks:
+        raise _err(path, "grid", "expected a non-empty mapping parameter -> list of values, or a list of such mappings")
+    for i, block in enumerate(blocks):
+        where = f"grid[{i}]" if isinstance(raw_grid, list) else "grid"
+        if not isinstance(block, dict) or not block:
+            raise _err(path, where, "expected a non-empty mapping parameter -> list of values")
+        for key, values in block.items():
+            if key not in fields:
+                raise _err(path, f"{where}.{key}", f"not a 02_train parameter; known: {sorted(fields)}")
+            if not isinstance(values, list) or not values:
+                raise _err(path, f"{where}.{key}", f"expected a non-empty list of values, got {values!r}")
+    axes: dict[str, list[Any]] = {}  # every axis with the union of its values (for plan/status tables)
+    for block in blocks:
+        for key, values in block.items():
+            axes.setdefault(key, [])
+            axes[key] += [v for v in values if v not in axes[key]]
     train = spec.get("train") or {}
     if not isinstance(train, dict):
         raise _err(path, "train", "expected a mapping of fixed 02_train parameters")
@@ -259,7 +271,7 @@ def load_grid(grid: str | Path) -> Grid:
         raise _err(path, "resources.slurm.mem", f"{slurm.mem!r}: expected e.g. 64G")
 
     grid = Grid(name, path, spec["task"], spec["preset"], str(spec.get("description") or "").strip(), axes, train,
-                head_tuning, data_prep, steps, workers, slurm)
+                head_tuning, data_prep, steps, workers, slurm, blocks)
     grid.runs = _plan_runs(grid)
     return grid
 
@@ -274,10 +286,10 @@ def _plan_runs(grid: Grid) -> list[Run]:
         head_root = grid.runs_root / "head"
         runs.append(Run(cfg, dict(task=grid.task, preset=grid.preset, **params), "head", head_root))
         head_file = str((head_root / cfg.run_id / "head.safetensors").resolve())
-    keys = list(grid.axes)
     seen: dict[str, dict[str, Any]] = {}
-    for values in itertools.product(*(grid.axes[k] for k in keys)):
-        point = dict(zip(keys, values))
+    points = [dict(zip(block, values)) for block in (grid.blocks or [grid.axes])
+              for values in itertools.product(*block.values())]
+    for point in points:
         params = dict(fixed, **point)
         if head_file:  # validated with a stand-in head (the file exists once the head run is done)
             cfg = dataclasses.replace(_config(grid, dict(params, head="init:0"), f"grid point {point}"), head=head_file)

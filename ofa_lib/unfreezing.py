@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -347,6 +348,31 @@ def averaging_by_setting(runs: pd.DataFrame, out_dir: str | Path, *, variants: l
         data = selection.CrossRunData.from_tidy(results.read(path), task, n_samplings=n_samplings, r_max=r_max)
         frames.append(selection.table1(selection.per_sampling(data, "all")).assign(setting=setting))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def averaging_answer(t1: pd.DataFrame, variant: str = "last", reference: str = "none") -> str:
+    """The answer to "does averaging runs of setting X beat averaging standard runs?", in one paragraph with
+    numbers: per setting, accumulative averaging and Max. SRC-DEV at the setting's largest r, each setting's
+    averaging compared with the ``reference`` setting's (at the largest r both reach)."""
+    d = t1[t1.variant == variant]
+    if d.empty:
+        return f"No setting could be averaged on the {variant} weights (each needs two (lr, batch) configurations)."
+    cell = lambda g, sel: g[g.selection == sel].iloc[0]  # noqa: E731
+    parts = []
+    for setting, g in d.groupby("setting", sort=False):
+        g = g[g.r == g.r.max()]
+        avg, src = cell(g, "acc_avg"), cell(g, "max_src_dev")
+        parts.append(f"**{setting}** at r = {int(avg.r)}: averaging {avg['mean']:.1f} ± {np.nan_to_num(avg['std']):.1f} "
+                     f"vs Max SRC-DEV {src['mean']:.1f} ± {np.nan_to_num(src['std']):.1f}")
+    text = f"On the {variant} weights (target test mean ×100, mean ± std over samplings): " + "; ".join(parts) + "."
+    if reference in set(d.setting):
+        for setting in [s for s in d.setting.unique() if s != reference]:
+            r = min(d[d.setting == setting].r.max(), d[d.setting == reference].r.max())
+            at = d[(d.r == r) & (d.selection == "acc_avg")].set_index("setting")["mean"]
+            diff = at[setting] - at[reference]
+            text += (f" Averaging {setting} runs {'beats' if diff > 0 else 'does not beat'} averaging {reference} runs "
+                     f"at r = {int(r)} ({diff:+.1f} points).")
+    return text
 
 
 def _colors(settings: list[str]) -> dict[str, Any]:

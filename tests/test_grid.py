@@ -48,6 +48,9 @@ def write_grid(tmp_path: Path, **changes) -> Path:
     (dict(resources={"slurm": {"gpus": 1}}), r"resources.slurm.gpus: unknown"),
     (dict(resources={"workers": 0}), r"resources.workers"),
     (dict(name="a b"), r"field name"),
+    (dict(grid=[{"lr": [1e-4]}, {"lrr": [1e-4]}]), r"field grid\[1\].lrr: not a 02_train parameter"),
+    (dict(grid=[{"lr": [1e-4, 3e-4]}, {"lr": [1e-4]}]), r"field grid: points .* give the same run"),
+    (dict(grid=[]), r"field grid: expected a non-empty"),
 ])
 def test_invalid_grids_name_the_field(tmp_path, changes, match):
     path = write_grid(tmp_path, **changes)
@@ -72,6 +75,25 @@ def test_plan_head_first_and_its_head_file_in_every_grid_run(tmp_outputs):
     assert G.load_grid(SMOKE).runs[1].run_id == grid.runs[1].run_id  # stable ids
     table = G.plan_table(grid, with_scheduler=False)
     assert list(table.state) == ["todo"] * 3
+
+
+def test_run_ids_do_not_depend_on_where_outputs_is(tmp_path, monkeypatch):
+    ids = []
+    for where in ("a", "b/c"):
+        monkeypatch.setenv("OFA_OUTPUTS", str(tmp_path / where))
+        ids.append([r.run_id for r in G.load_grid("smoke").runs])
+    assert ids[0] == ids[1] and len(set(ids[0])) == 3
+    head = G.load_grid("smoke").runs[1].cfg
+    assert head.identity()["head"] == "run:" + G.load_grid("smoke").runs[0].run_id
+    assert head.canonical()["head"] == head.head  # the manifest keeps the real path
+
+
+def test_a_list_of_products_is_their_union(tmp_path, tmp_outputs):
+    grid = G.load_grid(write_grid(tmp_path, grid=[{"lr": [1e-4, 3e-4], "seed": [1]}, {"lr": [2e-4], "seed": [2, 3]}]))
+    points = [(r.cfg.lr, r.cfg.seed) for r in grid.runs if r.role == "grid"]
+    assert points == [(1e-4, 1), (3e-4, 1), (2e-4, 2), (2e-4, 3)]
+    assert grid.axes == {"lr": [1e-4, 3e-4, 2e-4], "seed": [1, 2, 3]}
+    assert list(G.plan_table(grid, with_scheduler=False).columns[2:4]) == ["lr", "seed"]
 
 
 def test_paper_grids_are_the_published_63_runs(tmp_outputs):

@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from ofa_lib import averaging, config, training
 from ofa_lib.config import ConfigError
@@ -63,6 +64,18 @@ def test_run_id_is_a_stable_hash_of_the_parameters():
     assert config.make_config("nli", "cpu", lr=2e-5).run_id != a.run_id
     assert config.make_config("nli", "paper").model_name == "xlm-roberta-large"
     assert config.make_config("qa", "paper").max_length == 384
+
+
+def test_a_head_file_is_identified_by_its_bytes_or_its_run(tmp_path):
+    a, b = tmp_path / "a" / "h.safetensors", tmp_path / "b" / "h.safetensors"
+    for path, value in ((a, 1.0), (b, 1.0)):
+        path.parent.mkdir()
+        save_file({"w": torch.full((2,), value)}, str(path))
+    ids = {config.make_config("sib", "smoke", head=str(p)).run_id for p in (a, b)}
+    assert len(ids) == 1  # same bytes, different places
+    save_file({"w": torch.full((2,), 2.0)}, str(b))
+    assert config.make_config("sib", "smoke", head=str(b)).run_id not in ids
+    assert config.head_identity(tmp_path / "sib-0123456789ab" / "head.safetensors", "sib") == "run:sib-0123456789ab"
 
 
 def test_snapshot_schedule_and_decay_groups():

@@ -197,3 +197,13 @@ def test_real_run_with_adapters_records_schedule_and_fisher_and_resumes_identica
     pd.testing.assert_frame_equal(pd.read_parquet(resumed / "fisher.parquet"), fisher)
     cols = ["kind", "name", "dataset", "lang", "split", "metric", "value"]
     pd.testing.assert_frame_equal(pd.read_parquet(resumed / "metrics.parquet")[cols], pd.read_parquet(full / "metrics.parquet")[cols])
+
+
+def test_averaging_answer_compares_settings_at_their_largest_common_r():
+    rows = [(s, r, sel, m) for s, base in (("none", 70.0), ("gu", 72.0)) for r in (1, 2)
+            for sel, m in (("max_src_dev", base), ("acc_avg", base + r))]
+    t1 = pd.DataFrame(rows, columns=["setting", "r", "selection", "mean"]).assign(variant="last", std=0.5, n=3)
+    text = unfreezing.averaging_answer(t1, "last")
+    assert "**none** at r = 2: averaging 72.0 ± 0.5 vs Max SRC-DEV 70.0 ± 0.5" in text
+    assert "Averaging gu runs beats averaging none runs at r = 2 (+2.0 points)." in text
+    assert "No setting" in unfreezing.averaging_answer(t1, "ca")

@@ -1,5 +1,7 @@
 """Regenerate the notebooks' skeletons (cells are short; logic lives in ofa_lib)."""
 
+import hashlib
+
 import nbformat
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
@@ -420,6 +422,7 @@ def unfreezing_notebook() -> nbformat.NotebookNode:
         new_code_cell(
             "from pathlib import Path\n"
             "import torch\n"
+            "from IPython.display import Markdown, display\n"
             "from ofa_lib import report, unfreezing\n\n"
             "if threads:\n"
             "    torch.set_num_threads(int(threads))\n"
@@ -480,6 +483,7 @@ def unfreezing_notebook() -> nbformat.NotebookNode:
             "    display(report.save_figure(unfreezing.fig_averaging(t1, average_variants[0]), out, \"averaging_by_setting\"))\n"
             "    display(t1.assign(cell=t1[\"mean\"].map(\"{:.1f}\".format) + \" ± \" + t1[\"std\"].map(\"{:.1f}\".format))\n"
             "              .pivot_table(index=[\"setting\", \"r\"], columns=[\"selection\", \"variant\"], values=\"cell\", aggfunc=\"first\"))\n"
+            "    display(Markdown(unfreezing.averaging_answer(t1, average_variants[0])))\n"
             "else:\n"
             "    print(\"no setting has two (lr, batch) configurations: nothing to average\")"),
         new_markdown_cell("Tables (CSV) and figures (PNG, SVG) are in the output directory."),
@@ -488,9 +492,16 @@ def unfreezing_notebook() -> nbformat.NotebookNode:
     return new_notebook(cells=cells, metadata=KERNEL)
 
 
+def write(nb: nbformat.NotebookNode, path: str) -> None:
+    """Write with cell ids derived from the path and position, so regenerating changes only what changed."""
+    for i, cell in enumerate(nb.cells):
+        cell.id = hashlib.sha1(f"{path}:{i}".encode()).hexdigest()[:8]
+    nbformat.write(nb, path)
+
+
 if __name__ == "__main__":
-    nbformat.write(data_prep_notebook(), "notebooks/01_data_prep.ipynb")
-    nbformat.write(train_notebook(), "notebooks/02_train.ipynb")
-    nbformat.write(average_notebook(), "notebooks/03_average.ipynb")
-    nbformat.write(measures_notebook(), "notebooks/05_measures.ipynb")
-    nbformat.write(unfreezing_notebook(), "notebooks/06_unfreezing.ipynb")
+    write(data_prep_notebook(), "notebooks/01_data_prep.ipynb")
+    write(train_notebook(), "notebooks/02_train.ipynb")
+    write(average_notebook(), "notebooks/03_average.ipynb")
+    write(measures_notebook(), "notebooks/05_measures.ipynb")
+    write(unfreezing_notebook(), "notebooks/06_unfreezing.ipynb")
