@@ -639,6 +639,7 @@ def report(grid: Grid, *, partial: bool = False) -> list[Path]:
     """Execute 01_data_prep (if asked) and the pipeline notebooks; render their HTML reports."""
     from . import report as rp
 
+    set_aside_stale_runs(grid)
     missing = [r.run_id for r in grid.runs if run_state(grid, r) != "done"]
     if missing and not partial:
         raise GridError(f"{grid.path}: {len(missing)} run(s) are not done: {missing}; finish them "
@@ -660,6 +661,39 @@ def report(grid: Grid, *, partial: bool = False) -> list[Path]:
     return written
 
 
+# --------------------------------------------------------------------------- runs no longer in the grid
+def set_aside_stale_runs(grid: Grid) -> list[str]:
+    """Keep the pipeline to this grid's runs: run folders under ``runs_root`` that the grid file no longer
+    plans (an edited grid, or ids from an older version of ofa) are moved to ``runs_root/.stale/``, and
+    their rows (and the averages they are members of) leave the grid's results store. A folder there
+    whose run the grid plans again is moved back, not retrained. Returns the ids set aside."""
+    from . import results
+
+    planned = {r.run_id for r in grid.runs if r.role == "grid"}
+    stale_dir = grid.runs_root / ".stale"
+    for run_id in sorted(planned):
+        if (stale_dir / run_id).is_dir() and not (grid.runs_root / run_id).exists():
+            os.replace(stale_dir / run_id, grid.runs_root / run_id)
+            print(f"{run_id}: planned again, moved back from {stale_dir}")
+    moved = []
+    pattern = re.compile(rf"{re.escape(grid.task)}-[0-9a-f]{{12}}")
+    for path in sorted(grid.runs_root.glob("*/manifest.json")) if grid.runs_root.is_dir() else []:
+        run_id = path.parent.name
+        if pattern.fullmatch(run_id) and run_id not in planned and locks.holder(grid.state_dir / "locks" / f"{run_id}.lock") is None:
+            stale_dir.mkdir(parents=True, exist_ok=True)
+            target = stale_dir / run_id
+            if target.exists():  # an older copy set aside before: keep both
+                target = stale_dir / f"{run_id}.{time.strftime('%Y%m%d-%H%M%S')}"
+            os.replace(path.parent, target)
+            moved.append(run_id)
+    if moved:
+        dropped = results.drop_runs(grid.results_path, moved)
+        print(f"{len(moved)} run folder(s) under {grid.runs_root} are not in {grid.path} (edited grid?): moved to "
+              f"{stale_dir} so the pipeline does not average them ({', '.join(moved)}); {dropped} row(s) of theirs "
+              f"left {grid.results_path}")
+    return moved
+
+
 # --------------------------------------------------------------------------- commands
 def run(grid: Grid, *, backend: str = "local", workers: int | None = None, wait: bool = False,
         with_report: bool = True) -> int:
@@ -667,6 +701,7 @@ def run(grid: Grid, *, backend: str = "local", workers: int | None = None, wait:
     import pandas as pd
 
     start = time.time()
+    set_aside_stale_runs(grid)
     failed = [r.run_id for r in grid.runs if run_state(grid, r) == "failed"]
     if failed:
         print(f"{len(failed)} run(s) failed before and are left as they are (`retry-failed` runs them again): {failed}")

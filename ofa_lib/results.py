@@ -220,6 +220,25 @@ def append(path: str | os.PathLike, df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def drop_runs(path: str | os.PathLike, run_ids: Iterable[str]) -> int:
+    """Remove from the Parquet file ``path`` every row of the given runs and of the averages and soups
+    that have one of them as a member (same lock and temp-file write as :func:`append`); returns the
+    number of rows removed (0 when the file does not exist)."""
+    path, ids = Path(path), set(run_ids)
+    if not path.exists() or not ids:
+        return 0
+    with open(path.parent / f".{path.name}.lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            df = conform(pd.read_parquet(path))
+            stale = df["run_id"].isin(ids) | df["members"].map(lambda m: bool(ids & set(members_list(m))))
+            if stale.any():
+                write_parquet(path, conform(df[~stale].reset_index(drop=True)))
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+    return int(stale.sum())
+
+
 def read(path_or_dir: str | os.PathLike) -> pd.DataFrame:
     """Read one tidy Parquet file, or every ``*.parquet`` under a directory (recursively,
     in sorted path order, concatenated). Returns a conformed frame (empty if no files)."""

@@ -88,6 +88,36 @@ def test_run_ids_do_not_depend_on_where_outputs_is(tmp_path, monkeypatch):
     assert head.canonical()["head"] == head.head  # the manifest keeps the real path
 
 
+def test_runs_no_longer_in_the_grid_are_set_aside_and_come_back(tmp_path, tmp_outputs):
+    import pandas as pd
+
+    from ofa_lib import results
+
+    path = write_grid(tmp_path, grid={"lr": [1e-4]})
+    grid = G.load_grid(path)
+    kept, stale = grid.runs[1].run_id, f"{grid.task}-0123456789ab"
+    for run_id in (kept, stale):
+        (grid.runs_root / run_id).mkdir(parents=True)
+        (grid.runs_root / run_id / "manifest.json").write_text("{}")
+    row = dict(task=grid.task, model="m", dataset="sib200", split="test", lang="deu_Latn", metric="acc", value=0.5)
+    results.append(grid.results_path, pd.DataFrame([
+        dict(row, run_id=kept, kind="variant", name="last"),
+        dict(row, run_id=stale, kind="variant", name="last"),
+        dict(row, run_id="acc_avg:last:r=2:sampling=0", kind="average", name="acc_avg:last:r=2:sampling=0",
+             members=f"{kept},{stale}"),
+        dict(row, run_id="acc_avg:last:r=1:sampling=0", kind="average", name="acc_avg:last:r=1:sampling=0", members=kept)]))
+    assert G.set_aside_stale_runs(grid) == [stale]
+    assert (grid.runs_root / ".stale" / stale / "manifest.json").is_file()
+    assert (grid.runs_root / kept).is_dir()
+    left = results.read(grid.results_path)
+    assert sorted(left.name) == ["acc_avg:last:r=1:sampling=0", "last"] and stale not in set(left.run_id)
+    # the grid file grows back: the folder returns instead of being retrained
+    wider = G.load_grid(write_grid(tmp_path, grid={"lr": [1e-4, 3e-4]}))
+    back = wider.runs[2].run_id
+    (grid.runs_root / ".stale" / back).mkdir()
+    assert G.set_aside_stale_runs(wider) == [] and (wider.runs_root / back).is_dir()
+
+
 def test_a_list_of_products_is_their_union(tmp_path, tmp_outputs):
     grid = G.load_grid(write_grid(tmp_path, grid=[{"lr": [1e-4, 3e-4], "seed": [1]}, {"lr": [2e-4], "seed": [2, 3]}]))
     points = [(r.cfg.lr, r.cfg.seed) for r in grid.runs if r.role == "grid"]
