@@ -340,6 +340,9 @@ def averaging_by_setting(runs: pd.DataFrame, out_dir: str | Path, *, variants: l
             print(f"{setting}: {n_cfg} (lr, batch) configuration: nothing to average")
             continue
         path = Path(out_dir) / f"results_{setting}.parquet"
+        if path.exists():  # rows of runs that are gone (an edited grid), and the averages they were members of
+            stored = results.read(path)
+            results.drop_runs(path, set(stored.loc[stored.kind.isin(["snapshot", "variant"]), "run_id"]) - set(group.run_id))
         cols = [c for c in crossrun.RUN_COLUMNS if c in group.columns]
         results.append(path, crossrun.collect_run_metrics(group[cols]))
         crossrun.average_runs(group[cols], variants=variants, r_max=r_max, samplings=range(n_samplings), soup_k=None,

@@ -52,3 +52,16 @@ def test_unfreezing_notebook_on_smoke_runs(runs_root, tmp_path):
     html = report.render(executed, tmp_path / "report.html")
     text = html.read_text()
     assert "Scheduled unfreezing" in text and "<img" in text and "find_schedule_runs" not in text  # no code
+
+
+def test_averaging_by_setting_forgets_runs_that_are_gone(runs_root, tmp_path):
+    from ofa_lib import results, unfreezing
+
+    runs = unfreezing.find_schedule_runs(runs_root, "sib")
+    first = unfreezing.averaging_by_setting(runs, tmp_path, variants=["last"], r_max=2, n_samplings=1, progress=False)
+    store = tmp_path / "results_none.parquet"
+    ghost = results.read(store).query("kind == 'variant'").head(1).assign(run_id="sib-0123456789ab")
+    results.append(store, ghost)
+    again = unfreezing.averaging_by_setting(runs, tmp_path, variants=["last"], r_max=2, n_samplings=1, progress=False)
+    assert "sib-0123456789ab" not in set(results.read(store).run_id)
+    pd.testing.assert_frame_equal(first, again)
