@@ -300,18 +300,23 @@ def closest_to_trg_dev(ps: pd.DataFrame, strategies: Sequence[str] = LABEL_FREE_
 
 
 def closest_sentence(close: pd.DataFrame, ps: pd.DataFrame) -> str:
-    """The answer, in one paragraph with numbers: which label-free selection comes closest to TRG-DEV."""
+    """The answer, in one paragraph with numbers: which label-free selection comes closest to TRG-DEV
+    (selections with the same scores are named together: they picked the same checkpoints)."""
     if close.empty:
         return "No label-free selection could be compared with Max TRG-DEV (need r ≥ 2 and target dev scores)."
     best = close.iloc[0]
+    tied = close[(close["gap"] == best["gap"]) & (close["mean"] == best["mean"])]
+    names = " = ".join(f"**{r.selection}** ({r.variant})" for r in tied.itertuples())
     src = ps[(ps["method"] == "max_src_dev") & (ps["variant"] == best["variant"]) & (ps["r"] >= 2)]["score"].mean() * 100
     n_r = ps[ps["r"] >= 2]["r"].nunique()
-    text = (f"Closest label-free selection to Max TRG-DEV: **{best['selection']}** on the **{best['variant']}** "
-            f"weights, {best['mean']:.1f} vs {best['trg_dev']:.1f} (gap {best['gap']:.1f} points; mean over "
-            f"{int(best['n'])} (sampling, r) pairs with r ≥ 2, {n_r} values of r). Max SRC-DEV on the same variant: "
-            f"{src:.1f}.")
-    if len(close) > 1:
-        text += f" Runner-up: {close.iloc[1]['selection']} ({close.iloc[1]['variant']}), gap {close.iloc[1]['gap']:.1f}."
+    text = (f"Closest label-free selection to Max TRG-DEV: {names}, {best['mean']:.1f} vs {best['trg_dev']:.1f} "
+            f"(gap TRG-DEV − selection {best['gap']:+.1f} points; mean over {int(best['n'])} (sampling, r) pairs with "
+            f"r ≥ 2, {n_r} values of r). Max SRC-DEV on the same variant: {src:.1f}.")
+    if len(tied) > 1:
+        text += " Tied selections picked the same checkpoints."
+    rest = close.iloc[len(tied):]
+    if len(rest):
+        text += f" Next: {rest.iloc[0]['selection']} ({rest.iloc[0]['variant']}), gap {rest.iloc[0]['gap']:+.1f}."
     return text
 
 

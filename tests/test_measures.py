@@ -225,6 +225,8 @@ def test_measure_selection_picks_the_right_run():
     assert at3.loc["max_margin_trg", "run_id"] == "c" and at3.loc["min_sharpness_jiang", "run_id"] == "b"
     close = label_free.closest_to_trg_dev(ps)
     assert close.iloc[0]["selection"] == "min_sharpness_jiang" and close.iloc[0]["gap"] == 0.0
-    assert "min_sharpness_jiang" in label_free.closest_sentence(close, ps)
+    assert "**min_sharpness_jiang** (ca), 80.0 vs 80.0 (gap TRG-DEV − selection +0.0" in label_free.closest_sentence(close, ps)
+    tie = pd.concat([close.head(1), close.head(1).assign(selection="max_margin_src")], ignore_index=True)
+    assert "**min_sharpness_jiang** (ca) = **max_margin_src** (ca)" in label_free.closest_sentence(tie, ps)
     table = label_free.selection_table(ps)
     assert table[(table.r == 3) & (table.selection == "max_margin_trg")]["mean"].item() == 40.0
