@@ -360,12 +360,11 @@ def averaging_answer(t1: pd.DataFrame, variant: str = "last", reference: str = "
     d = t1[t1.variant == variant]
     if d.empty:
         return f"No setting could be averaged on the {variant} weights (each needs two (lr, batch) configurations)."
-    cell = lambda g, sel: g[g.selection == sel].iloc[0]  # noqa: E731
     parts = []
     for setting, g in d.groupby("setting", sort=False):
-        g = g[g.r == g.r.max()]
-        avg, src = cell(g, "acc_avg"), cell(g, "max_src_dev")
-        parts.append(f"**{setting}** at r = {int(avg.r)}: averaging {avg['mean']:.1f} ± {np.nan_to_num(avg['std']):.1f} "
+        at_max = g[g.r == g.r.max()].set_index("selection")
+        avg, src = at_max.loc["acc_avg"], at_max.loc["max_src_dev"]
+        parts.append(f"**{setting}** at r = {int(avg['r'])}: averaging {avg['mean']:.1f} ± {np.nan_to_num(avg['std']):.1f} "
                      f"vs Max SRC-DEV {src['mean']:.1f} ± {np.nan_to_num(src['std']):.1f}")
     text = f"On the {variant} weights (target test mean ×100, mean ± std over samplings): " + "; ".join(parts) + "."
     if reference in set(d.setting):
