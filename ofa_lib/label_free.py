@@ -311,7 +311,7 @@ def closest_sentence(close: pd.DataFrame, ps: pd.DataFrame) -> str:
     n_r = ps[ps["r"] >= 2]["r"].nunique()
     text = (f"Closest label-free selection to Max TRG-DEV: {names}, {best['mean']:.1f} vs {best['trg_dev']:.1f} "
             f"(gap TRG-DEV − selection {best['gap']:+.1f} points; mean over {int(best['n'])} (sampling, r) pairs with "
-            f"r ≥ 2, {n_r} values of r). Max SRC-DEV on the same variant: {src:.1f}.")
+            f"r ≥ 2, {n_r} value{'s' if n_r != 1 else ''} of r). Max SRC-DEV on the same variant: {src:.1f}.")
     if len(tied) > 1:
         text += " Tied selections picked the same checkpoints."
     rest = close.iloc[len(tied):]
