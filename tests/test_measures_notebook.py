@@ -77,7 +77,7 @@ def test_measures_notebook_smoke(smoke_runs, tmp_path):
         assert (out_dir / f"{stem}.png").stat().st_size > 1000
     nb = nbformat.read(executed, as_version=4)
     text = "\n".join(o.get("text", "") + json.dumps(o.get("data", {})) for c in nb.cells for o in c.get("outputs", []))
-    assert re.search(r"Closest label-free selection to Max TRG-DEV: \*\*\w+\*\* on the \*\*\w+\*\* weights, [\d.]+ vs [\d.]+",
+    assert re.search(r"Closest label-free selection to Max TRG-DEV: \*\*\w+\*\* \(\w+\)( = \*\*\w+\*\* \(\w+\))*, [\d.]+ vs [\d.]+",
                      text)
     html = report.render(executed, out_dir / "report.html").read_text()
     assert "data:image/png" in html and "Closest label-free selection" in html
