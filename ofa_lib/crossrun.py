@@ -1,4 +1,4 @@
-"""Across runs for OUR runs (docs/STUDY.md §4): accumulative averaging and soups, evaluated once.
+"""Across runs for OUR runs (docs/method.md §4): accumulative averaging and soups, evaluated once.
 
 :func:`find_runs` lists the finished runs under ``outputs/runs`` and checks that they can be
 combined: same data parameters (every config field except lr, batch_size, seed and head), the

@@ -1,4 +1,4 @@
-"""Generalization measures of one checkpoint (docs/STUDY.md §6; arXiv 2404.15928).
+"""Generalization measures of one checkpoint (docs/method.md §6; arXiv 2404.15928).
 
 Every measure is a pure function of ``(model, batches, seed)``: ``batches`` is a list of
 collated batches (:func:`make_batches`), the model comes back exactly as it was (weights,

@@ -510,7 +510,7 @@ def import_released(
 ) -> ReleasedResults:
     """Read the authors' released results of ``task`` (nli | tydiqa | ner) for ``model``.
 
-    Follows docs/STUDY.md "The authors' analysis of their released results": target columns
+    Follows docs/method.md §4 "Regenerating the authors' numbers": target columns
     (NLI: xnli_* and indicxnli_* = 25; NER: wikiann, masakhaner, masakhaner2 = 54; TyDiQA:
     8 non-English F1, ``ydiqa_*`` read as ``tydiqa_*``), English dropped, one flat mean over
     all target columns; cross-run rows with ``approach == "all"``; TyDiQA / 100.

@@ -1,4 +1,4 @@
-"""Across-run model selection and the paper's Tables 1-3 (docs/STUDY.md section 4).
+"""Across-run model selection and the paper's Tables 1-3 (docs/method.md §4).
 
 Inputs are a *run table* (one row per run, :data:`ofa_lib.results.RUN_TABLE_COLUMNS`) and,
 for accumulative averaging and soups, the scores of the averaged weights -- which are
