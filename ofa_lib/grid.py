@@ -39,7 +39,7 @@ from typing import Any
 
 import yaml
 
-from . import config, locks
+from . import config, data, locks
 from .io import write_json, write_text
 from .paths import REPO_ROOT, outputs_dir
 
@@ -782,13 +782,26 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return _command(args)
-    except GridError as exc:
+    except (GridError, data.DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
 
+def data_sets(grid: Grid) -> list[tuple[str, str, str]]:
+    """Every (dataset, lang, split) the grid's runs read: training, dev and test sets."""
+    keys: dict[tuple[str, str, str], None] = {}
+    for run in grid.runs:
+        cfg = run.cfg
+        keys[(cfg.train_dataset, cfg.source_lang(), "train")] = None
+        keys.update(dict.fromkeys(cfg.dev_sets() + cfg.test_sets()))
+    return list(keys)
+
+
 def _command(args: argparse.Namespace) -> int:
     grid = load_grid(args.grid)
+    # before anything is planned or trained: every data set must be readable now (mirror or hub), else one
+    # error names what is missing and the `ofa-data fetch` command (file checks only: seconds)
+    data.require(data_sets(grid))
     if args.command in ("plan", "status"):
         import pandas as pd
 

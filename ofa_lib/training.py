@@ -189,6 +189,7 @@ class Prepared:
     head_fingerprint: str
     label_names: list[str] | None
     timings: dict[str, float] = field(default_factory=dict)
+    data_sources: dict[str, dict[str, Any]] = field(default_factory=dict)  # "dataset/lang/split" -> data.source_of
 
 
 def prepare(cfg: TrainConfig) -> Prepared:
@@ -197,11 +198,14 @@ def prepare(cfg: TrainConfig) -> Prepared:
     datasets.disable_progress_bars()
     set_seed(cfg.seed)
     load = dict(map_date_to_o=cfg.map_date_to_o)
+    sets = [(cfg.train_dataset, cfg.source_lang(), "train")] + cfg.dev_sets() + cfg.test_sets()
+    data.require(sets)  # every set readable (mirror or hub) before anything is loaded, else one error naming the fix
     # the same training subsample for every run (data seed 0): runs differ by lr, batch and seed only,
     # and share one trimmed vocabulary, so their weights can be averaged
     train_raw = data.load_split(cfg.train_dataset, cfg.source_lang(), "train", subsample=cfg.train_subsample, seed=0, **load)
     dev_raw = [(s, data.load_split(*s, subsample=cfg.dev_subsample, seed=0, **load)) for s in cfg.dev_sets()]
     test_raw = [(s, data.load_split(*s, subsample=cfg.test_subsample, seed=0, **load)) for s in cfg.test_sets()]
+    sources = {"/".join(key): data.source_of(*key, **load) for key in dict.fromkeys(sets)}
     label_names = None if cfg.task == "qa" else data.label_names(cfg.train_dataset) if cfg.task != "ner" else data.ner_labels(not cfg.map_date_to_o)
     trim = None
     if cfg.trim_vocab:
@@ -220,7 +224,7 @@ def prepare(cfg: TrainConfig) -> Prepared:
     test_sets = [evaluation.make_eval_set(cfg.task, s, ds, tokenizer, batch_size=cfg.eval_batch_size, **feat) for s, ds in test_raw]
     t3 = time.perf_counter()
     return Prepared(model, tokenizer, train, dev_sets, test_sets, keys, fingerprint, label_names,
-                    {"load_data_s": t1 - t0, "load_model_s": t2 - t1, "featurize_s": t3 - t2})
+                    {"load_data_s": t1 - t0, "load_model_s": t2 - t1, "featurize_s": t3 - t2}, sources)
 
 
 # --------------------------------------------------------------------------- resume state
@@ -312,7 +316,8 @@ def _train(cfg: TrainConfig, out: Path, manifest: dict[str, Any], device_name: s
     model = prep.model.to(device)
     manifest.update(head_fingerprint=prep.head_fingerprint, head_keys=prep.head_keys, device=str(device),
                     n_train_features=len(prep.train), vocab_size=model.config.vocab_size,
-                    parameters=models.count_parameters(model), trainable=models.count_parameters(model, True))
+                    parameters=models.count_parameters(model), trainable=models.count_parameters(model, True),
+                    data=prep.data_sources, data_summary=data.describe_sources(prep.data_sources))
     if cfg.head_file:
         manifest["head_file"] = str(cfg.head_file.resolve())
     write_json(out / "manifest.json", manifest)

@@ -54,18 +54,21 @@ def test_counts_match_readme(key):
     assert len(load_split(*key)) == COUNTS[key]
 
 
+MIRROR_SIZES = {
+    "mnli15k": 1, "xnli": 15, "wikiann": 6, "masakhaner": 10, "masakhaner2": 20,
+    "conll2003": 1, "tydiqa_goldp": 9, "xquad": 12, "sib200": 205, "umsab": 8,
+}
+
+
 def test_registry():
-    assert set(data.DATASETS) == {
-        "mnli15k", "xnli", "wikiann", "masakhaner", "masakhaner2", "conll2003",
-        "tydiqa_goldp", "xquad", "sib200", "umsab",
-    }
+    assert set(data.DATASETS) == set(MIRROR_SIZES) | {"multinli", "indicxnli"}
     assert {data.task_of(d) for d in data.DATASETS} == set(data.TASKS)
     assert data.task_of("umsab") == "sentiment" and data.task_of("sib200") == "sib"
-    sizes = {d: len(data.languages(d)) for d in data.DATASETS}
-    assert sizes == {
-        "mnli15k": 1, "xnli": 15, "wikiann": 6, "masakhaner": 10, "masakhaner2": 20,
-        "conll2003": 1, "tydiqa_goldp": 9, "xquad": 12, "sib200": 205, "umsab": 8,
-    }
+    # offline (the test environment) only the mirror's languages are available
+    assert {d: len(data.languages(d)) for d in MIRROR_SIZES} == MIRROR_SIZES
+    # known languages add the hub copies' (IndicXNLI's 11, WikiANN's XTREME languages …)
+    assert len(data.known_languages("indicxnli")) == 11 and len(data.known_languages("wikiann")) == 46
+    assert data.known_languages("sib200") == data.languages("sib200")
     assert "nqo_Nkoo.zip" not in data.languages("sib200")
     assert data.DATASETS["xnli"].languages == data.languages("xnli")
     assert data.available_splits("tydiqa_goldp", "fi") == ["validation"]
@@ -128,7 +131,7 @@ def test_xho_malformed_sentences_are_reported_and_skipped():
         assert all(t.strip() for t in tokens)
     # No tag is shifted: an independent naive reading of the file, minus the sentences that
     # hold a line with an empty token, gives exactly the loaded sentences.
-    path = data.data_dir() / "ner" / "masakhaner2" / "xho" / "train.txt"
+    path = data.mirror_root() / "ner" / "masakhaner2" / "xho" / "train.txt"
     names = data.ner_labels(with_date=True)
     expected, sentence = [], []
     for line in path.read_text(encoding="utf-8").split("\n") + [""]:
@@ -175,7 +178,7 @@ def test_returned_datasets_are_independent():
 @pytest.mark.parametrize(
     ("args", "kwargs", "pattern"),
     [
-        (("xnl1", "en", "test"), {}, r"dataset='xnl1' is unknown; available: mnli15k, xnli, .*umsab"),
+        (("xnl1", "en", "test"), {}, r"dataset='xnl1' is unknown; available: mnli15k, multinli, xnli, .*umsab"),
         (("xnli", "xx", "test"), {}, r"lang='xx' is unknown for dataset='xnli'; available: ar, bg, .*zh"),
         (("xnli", "en", "dev"), {}, r"split='dev' is unknown for dataset='xnli'; available: validation, test"),
         (("tydiqa_goldp", "fi", "train"), {},
