@@ -756,7 +756,7 @@ def _load_full(
         root = Path(where)
         paths = mirror_files(name, root, lang, split)
         columns, problems = _PARSERS[name](paths, {"map_date_to_o": map_date_to_o})
-        label = str(paths[0].relative_to(root))
+        label = str(paths[0])
         source = {"source": "mirror", "root": str(root),
                   "files": [{"path": str(p.relative_to(root)), "sha256": file_sha256(p), "bytes": p.stat().st_size}
                             for p in paths]}
@@ -843,13 +843,13 @@ def load_split(
     return ds
 
 
-def source_of(dataset: str, lang: str, split: str, *, map_date_to_o: bool = True) -> dict[str, Any]:
+def source_of(dataset: str, lang: str, split: str, *, map_date_to_o: bool = True, source: str = "auto") -> dict[str, Any]:
     """Where ``load_split(dataset, lang, split)`` reads from now: a JSON-able record for run manifests.
 
     Mirror: root, file paths, sha256 and sizes. Hub: repository, config, split, revision (and the commit
     when the hub was contacted; a local clone's path and git commit). Reads the split (cached) if needed.
     """
-    loc = _locate_checked(dataset, lang, split, "auto")
+    loc = _locate_checked(dataset, lang, split, source)
     return dict(_load_full(dataset, loc.kind, loc.where, lang, split, bool(map_date_to_o))[3])
 
 

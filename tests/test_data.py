@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -200,3 +202,71 @@ def test_missing_data_dir_says_how_to_set_it(monkeypatch, tmp_path):
     # An unknown dataset is reported before the data directory is looked at.
     with pytest.raises(ValueError, match="dataset='nope'"):
         load_split("nope", "en", "test")
+
+
+# --------------------------------------------------------------------------- corrupt user files (issue 13, item 4)
+REAL_MIRROR = data.mirror_root()
+
+
+def _copy_mirror_file(tmp_path, monkeypatch, rel: str, n_lines: int | None = None) -> "Path":
+    """A one-file mirror in ``tmp_path`` (a copy of the real file's first lines) used as OFA_DATA_DIR."""
+    src = REAL_MIRROR / rel
+    dst = tmp_path / rel
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    lines = src.read_bytes().split(b"\n")
+    dst.write_bytes(b"\n".join(lines[:n_lines] if n_lines else lines))
+    monkeypatch.setenv("OFA_DATA_DIR", str(tmp_path))
+    return dst
+
+
+def test_non_utf8_byte_is_named_with_file_and_line(tmp_path, monkeypatch):
+    path = _copy_mirror_file(tmp_path, monkeypatch, "nli/xnli/validation/de.tsv", 20)
+    raw = path.read_bytes().split(b"\n")
+    raw[6] = raw[6].replace(b"e", b"\xe9", 1)  # a Latin-1 byte on line 7
+    path.write_bytes(b"\n".join(raw))
+    with pytest.raises(data.DataError, match=r"validation/de\.tsv:7: byte 0xe9 .* not UTF-8; expected UTF-8"):
+        load_split("xnli", "de", "validation")
+
+
+def test_bad_label_word_is_named_with_file_and_line(tmp_path, monkeypatch):
+    path = _copy_mirror_file(tmp_path, monkeypatch, "nli/multinli.train.en.15k.tsv", 30)
+    lines = path.read_text(encoding="utf-8").split("\n")
+    lines[11] = lines[11].rsplit("\t", 1)[0] + "\tmaybe"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    with pytest.raises(data.DataError, match=r"multinli\.train\.en\.15k\.tsv:12: label 'maybe' is not one of"):
+        load_split("mnli15k", "en", "train")
+    path = _copy_mirror_file(tmp_path, monkeypatch, "nli/xnli/test/de.tsv", 10)
+    lines = path.read_text(encoding="utf-8").split("\n")
+    lines[3] = lines[3].rsplit("\t", 1)[0] + "\tneutral"  # a word where XNLI has ids
+    path.write_text("\n".join(lines), encoding="utf-8")
+    with pytest.raises(data.DataError, match=r"test/de\.tsv:4: label 'neutral' is not one of the ids \[0, 1, 2\]"):
+        load_split("xnli", "de", "test")
+
+
+def test_truncated_json_is_named_with_file_line_and_column(tmp_path, monkeypatch):
+    path = _copy_mirror_file(tmp_path, monkeypatch, "qa/xquad/de.json")
+    path.write_bytes(path.read_bytes()[:5000])
+    with pytest.raises(data.DataError, match=r"xquad/de\.json:\d+:\d+: invalid JSON .*truncated"):
+        load_split("xquad", "de", "test")
+    path.write_text(json.dumps({"data": [{"title": "t", "paragraphs": [{"context": "c"}]}]}))
+    data._load_full.cache_clear()
+    with pytest.raises(data.DataError, match=r"xquad/de\.json: not SQuAD v1\.1 JSON: KeyError 'qas'"):
+        load_split("xquad", "de", "test")
+
+
+def test_ner_file_with_the_wrong_separator_is_an_error_not_zero_rows(tmp_path, monkeypatch):
+    path = _copy_mirror_file(tmp_path, monkeypatch, "ner/masakhaner/hau/dev.txt", 200)
+    path.write_text(path.read_text(encoding="utf-8").replace(" ", "\t"), encoding="utf-8")
+    with pytest.raises(data.DataError, match=r"hau/dev\.txt:1: no sentence could be read: expected 'token tag' "
+                                             r"lines \(one space\) — its lines are tab-separated"):
+        load_split("masakhaner", "hau", "validation")
+    path = _copy_mirror_file(tmp_path / "w", monkeypatch, "ner/wikiann/de/test.conllu", 200)
+    path.write_text(path.read_text(encoding="utf-8").replace("\t", " "), encoding="utf-8")
+    with pytest.raises(data.DataError, match=r"de/test\.conllu:1: .*tab-separated\) — its lines are space-separated"):
+        load_split("wikiann", "de", "test")
+
+
+def test_header_only_split_is_an_error_in_load_split(tmp_path, monkeypatch):
+    _copy_mirror_file(tmp_path, monkeypatch, "cls/sib200/deu_Latn/test.tsv", 1)
+    with pytest.raises(data.DataError, match=r"cls/sib200/deu_Latn/test\.tsv: sib200/deu_Latn/test has no examples"):
+        load_split("sib200", "deu_Latn", "test")
