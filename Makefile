@@ -3,9 +3,9 @@ PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-export HF_HUB_OFFLINE := 1
-export HF_DATASETS_OFFLINE := 1
-export TRANSFORMERS_OFFLINE := 1
+# Tests never touch the network (data comes from ../shared/data or from local hub-layout fixtures). The demos
+# read the offline mirror when there is one and otherwise download the public hub copies (ofa_lib.data).
+OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 SHELL := /bin/bash
 .SHELLFLAGS := -eo pipefail -c
@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: install
-	$(BIN)/python -m pytest -q tests
+	$(OFFLINE) $(BIN)/python -m pytest -q tests
 
 demo: install
 	$(BIN)/python -m ofa_lib.grid run params/grids/demo.yaml --backend local
@@ -42,7 +42,7 @@ demo-unfreezing: install
 
 reproduce-paper: install
 	mkdir -p outputs/reports/paper
-	$(BIN)/papermill --no-progress-bar notebooks/04_analysis.ipynb \
+	$(OFFLINE) $(BIN)/papermill --no-progress-bar notebooks/04_analysis.ipynb \
 		outputs/reports/paper/.04_analysis.tmp.ipynb -f params/reproduce_paper.yaml --cwd notebooks
 	mv outputs/reports/paper/.04_analysis.tmp.ipynb outputs/reports/paper/04_analysis.ipynb
 	$(BIN)/python -m ofa_lib.report render outputs/reports/paper/04_analysis.ipynb
@@ -56,7 +56,7 @@ bench: install
 		training.json evaluation.json e2e.json)
 	status=0; for b in $(BENCHES); do \
 		echo "== benchmarks/bench_$$b.py"; start=$$(date +%s); \
-		TOKENIZERS_PARALLELISM=false $(BIN)/python benchmarks/bench_$$b.py || { status=1; echo "!! bench_$$b.py failed"; }; \
+		$(OFFLINE) TOKENIZERS_PARALLELISM=false $(BIN)/python benchmarks/bench_$$b.py || { status=1; echo "!! bench_$$b.py failed"; }; \
 		echo "== bench_$$b.py: $$(( $$(date +%s) - start )) s"; \
 	done; \
 	$(BIN)/python benchmarks/make_results.py; exit $$status

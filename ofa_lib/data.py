@@ -299,7 +299,8 @@ def _fetch_command(keys: Iterable[tuple[str, str | None, str | None]]) -> str:
     return f"ofa-data fetch {' '.join(names)}" + (f" --langs {','.join(langs)}" if langs else "") + f" --to {target}"
 
 
-def _unavailable_message(keys: list[tuple[str, str | None, str | None]], source: str = "auto") -> str:
+def _unavailable_message(keys: list[tuple[str, str | None, str | None]], source: str = "auto",
+                         unreachable: dict[str, str] | None = None) -> str:
     root = mirror_root()
     env = "OFA_DATA_DIR=" + os.environ["OFA_DATA_DIR"] if os.environ.get("OFA_DATA_DIR") else "../shared/data"
     shown = ", ".join(f"{d}/{lang}/{s}" if lang else d for d, lang, s in keys[:8])
@@ -312,8 +313,13 @@ def _unavailable_message(keys: list[tuple[str, str | None, str | None]], source:
         hub_root = os.environ.get("OFA_HUB_ROOT")
         tried.append(f"a local hub clone under OFA_HUB_ROOT={hub_root} (no {', '.join(repos)} there)" if hub_root
                      else "a local hub clone (OFA_HUB_ROOT is not set)")
-        tried.append(f"the hub ({', '.join(repos)}: " + ("offline, HF_DATASETS_OFFLINE/HF_HUB_OFFLINE is set)"
-                                                        if hub.hub_offline() else "not tried)"))
+        if hub.hub_offline():
+            state = "offline, HF_DATASETS_OFFLINE/HF_HUB_OFFLINE is set"
+        elif unreachable:
+            state = "did not answer: " + "; ".join(f"{r}: {e}" for r, e in sorted(unreachable.items()))
+        else:
+            state = "no copy of these there"
+        tried.append(f"the hub ({', '.join(repos)}: {state})")
         missing_hub = [f"{d}/{lang}/{s}" for d, lang, s in keys if lang and s and not _hub_has(d, lang, s)]
         if missing_hub:
             tried.append(f"(the hub copy has no {', '.join(missing_hub[:4])})")
@@ -361,9 +367,26 @@ def require(keys: Iterable[tuple[str, str, str]]) -> dict[tuple[str, str, str], 
             found[key] = locate(*key)
         except DataUnavailableError:
             missing.append(key)
+    # the hub is not offline by configuration: make sure it answers (one short request per repository),
+    # so that a machine without a network fails here, not in every run's data loading
+    unreachable = {loc.where: err for loc in {loc for loc in found.values() if loc.kind == "hub"}
+                   if (err := _probe_hub(loc.where))}
+    missing += [key for key, loc in found.items() if loc.kind == "hub" and loc.where in unreachable]
     if missing:
-        raise DataUnavailableError(_unavailable_message(missing))
+        raise DataUnavailableError(_unavailable_message(missing, unreachable=unreachable))
     return found
+
+
+@functools.lru_cache(maxsize=None)
+def _probe_hub(repo: str, timeout_s: float = 10.0) -> str | None:
+    """None when the hub answers for dataset ``repo`` within ``timeout_s``, else the reason."""
+    try:
+        from huggingface_hub import HfApi
+
+        HfApi().dataset_info(repo, timeout=timeout_s)
+    except Exception as exc:  # no network, a proxy, a missing or gated repository: all mean "cannot read it"
+        return f"{type(exc).__name__}: {str(exc)[:160]}"
+    return None
 
 
 # --------------------------------------------------------------------------- reading files

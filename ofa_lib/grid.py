@@ -632,7 +632,21 @@ def pipeline_context(grid: Grid) -> dict[str, Any]:
     """Parameters every pipeline notebook gets when it declares them."""
     return {"task": grid.task, "runs_root": str(grid.runs_root), "results_path": str(grid.results_path),
             "report_name": grid.name, "output_dir": str(grid.reports_dir), "source": str(grid.results_path),
-            "tasks": [grid.task], "model": grid.runs[-1].cfg.model_name, "description": grid.description}
+            "tasks": [grid.task], "model": grid.runs[-1].cfg.model_name,
+            "description": (grid.description + "\n\n" if grid.description else "") + data_line(grid)}
+
+
+def data_line(grid: Grid) -> str:
+    """Where the runs' data came from, from their manifests (reports print it under the description)."""
+    summaries: dict[str, int] = {}
+    for run in grid.runs:
+        file = run.dir / "manifest.json"
+        manifest = json.loads(file.read_text()) if file.is_file() else {}
+        if manifest.get("data_summary"):
+            summaries[manifest["data_summary"]] = summaries.get(manifest["data_summary"], 0) + 1
+    if not summaries:
+        return "Data: not recorded by these runs."
+    return "Data: " + " | ".join(f"{line} ({n} run{'s' if n > 1 else ''})" for line, n in summaries.items()) + "."
 
 
 def report(grid: Grid, *, partial: bool = False) -> list[Path]:

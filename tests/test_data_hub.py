@@ -237,3 +237,18 @@ def test_hub_registry_covers_every_dataset():
         assert src.licence and "/" in src.repo, name
     assert len(hub.SOURCES["indicxnli"].configs) == 11 and len(hub.SOURCES["masakhaner2"].configs) == 20
     assert set(hub.PAPER_LANGS["wikiann"]) <= set(hub.WIKIANN_LANGS) and len(hub.PAPER_LANGS["wikiann"]) == 26
+
+
+def test_hub_that_does_not_answer_is_reported_before_any_run(tmp_path, monkeypatch):
+    """Not offline by configuration, but no hub: one short probe per repository, then the same error."""
+    monkeypatch.setenv("OFA_DATA_DIR", str(tmp_path / "nowhere"))
+    monkeypatch.delenv("HF_DATASETS_OFFLINE")
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.delenv("OFA_HUB_ROOT", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # a closed local port: refused at once, no network
+    monkeypatch.setattr("huggingface_hub.constants.ENDPOINT", "http://127.0.0.1:9")
+    data._probe_hub.cache_clear()
+    assert data.locate("xnli", "de", "test").kind == "hub"  # locating is cheap and does not ask the hub
+    with pytest.raises(data.DataUnavailableError, match=r"facebook/xnli: did not answer: .*ofa-data fetch xnli"):
+        data.require([("xnli", "de", "test")])
+    data._probe_hub.cache_clear()
