@@ -98,6 +98,12 @@ def test_output_contract(finished):
     assert manifest["status"] == "done" and manifest["run_id"] == cfg.run_id == out.name
     assert manifest["params"]["lr"] == cfg.lr and manifest["environment"]["torch"].startswith("2.13")
     assert len(manifest["head_fingerprint"]) == 64
+    # where every data set came from: here the mirror, with each file's hash
+    src = manifest["data"]["mnli15k/en/train"]
+    assert src["source"] == "mirror" and len(src["files"][0]["sha256"]) == 64
+    assert set(manifest["data"]) == {"mnli15k/en/train", "xnli/en/validation", "xnli/de/validation",
+                                     "xnli/sw/validation", "xnli/de/test", "xnli/sw/test"}
+    assert manifest["data_summary"].startswith("mirror ") and "(6 files)" in manifest["data_summary"]
     for name in ("last", "src_dev", "ca", "trg_dev", "topk_0", "topk_1", "topk_2"):
         meta = averaging.read_metadata(out / "checkpoints" / f"{name}.safetensors")
         assert meta["ofa_head_fingerprint"] == manifest["head_fingerprint"]
