@@ -48,10 +48,10 @@ def _child(method: str, samplings: int, paths: list[str]) -> None:
     import torch
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    from ofa_lib import averaging
+    from ofa_lib import averaging, ckpt_io
 
     counts = {"bytes": 0, "get_tensor": 0}
-    real_open = averaging.safe_open
+    real_open = ckpt_io.safe_open
 
     class Counting:
         """A safe_open handle whose get_tensor counts the bytes it returns."""
@@ -75,8 +75,8 @@ def _child(method: str, samplings: int, paths: list[str]) -> None:
         def __getattr__(self, name):
             return getattr(self._h, name)
 
-    averaging.safe_open = Counting
-    real_rows = averaging._TensorReader.get_rows  # average_checkpoints reads through its own pread reader
+    ckpt_io.safe_open = Counting
+    real_rows = ckpt_io.TensorReader.get_rows  # average_checkpoints reads through its own pread reader
 
     def counting_rows(reader, key, rows=None):
         t = real_rows(reader, key, rows)
@@ -84,7 +84,7 @@ def _child(method: str, samplings: int, paths: list[str]) -> None:
         counts["get_tensor"] += 1
         return t
 
-    averaging._TensorReader.get_rows = counting_rows
+    ckpt_io.TensorReader.get_rows = counting_rows
     info = averaging.checkpoint_info(paths[0])  # header only (get_slice), not counted
     itemsize = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4}
     one = sum(int(np.prod(shape)) * itemsize[info.dtypes[k]] for k, shape in info.shapes.items())

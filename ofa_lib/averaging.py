@@ -1,17 +1,15 @@
-"""Weight averaging of fine-tuned checkpoints (safetensors only; never torch.load / pickle).
+"""Weight averaging of fine-tuned checkpoints: streaming and running means, soups.
 
-Checkpoints are ``.safetensors`` files (any float storage dtype: fp32, bf16, fp16). Their
-safetensors metadata may hold ``ofa_head_fingerprint`` (identifies the classifier-head
-initialisation: runs with different fingerprints were not head-aligned and must never be
-averaged), ``ofa_run_id`` and other ``ofa_*`` keys.
+File I/O (headers, loading, saving, the row-block reader, compatibility checks) lives in
+:mod:`ofa_lib.ckpt_io`; its public names are re-exported here for the callers that predate the
+split (training, label_free, tests). Other merge rules (task arithmetic, TIES, DARE, ...) are in
+:mod:`ofa_lib.merging`.
 
 - :func:`average_checkpoints`: streaming weighted mean, key by key across all files, fp32
   accumulation; peak memory ~ one model whatever the number of inputs.
 - :func:`running_average` / :class:`RunningMean`: the accumulative mean
   θ̄_r = θ̄_{r-1} + (θ_r − θ̄_{r-1}) / r (one file read per step; the CA variant in training).
 - :func:`uniform_soup`, :func:`greedy_soup` (Wortsman et al. 2022).
-- :func:`save_checkpoint`, :func:`load_checkpoint`, :func:`read_metadata`,
-  :func:`checkpoint_info`, :func:`head_fingerprint`: shared with training.
 
 Floating tensors are averaged; non-floating tensors (e.g. integer ``position_ids`` buffers)
 must be identical in every input and are copied.
@@ -20,246 +18,38 @@ must be identical in every input and are copied.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
-import os
-import struct
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
-from ofa_lib.io import atomic_path
+from ofa_lib import ckpt_io
+from ofa_lib.ckpt_io import (  # noqa: F401  (re-exported: the pre-split public names of this module)
+    AVERAGE_INPUTS_KEY,
+    AVERAGE_METHOD_KEY,
+    BLOCK,
+    FINGERPRINT_KEY,
+    RUN_ID_KEY,
+    SHOW,
+    CheckpointInfo,
+    CheckpointMismatchError,
+    NonFiniteError,
+    PathLike,
+    StateDict,
+    TensorReader,
+    check_compatible,
+    check_finite,
+    checkpoint_info,
+    head_fingerprint,
+    inspect_all,
+    load_checkpoint,
+    read_metadata,
+    row_blocks,
+    save_checkpoint,
+)
 
-PathLike = str | os.PathLike
-StateDict = dict[str, torch.Tensor]
-
-FINGERPRINT_KEY = "ofa_head_fingerprint"
-RUN_ID_KEY = "ofa_run_id"
-AVERAGE_INPUTS_KEY = "ofa_average_inputs"
-AVERAGE_METHOD_KEY = "ofa_average_method"
 _PER_RUN_KEYS = frozenset({RUN_ID_KEY, AVERAGE_INPUTS_KEY, AVERAGE_METHOD_KEY})
-_SHOW = 5  # how many offending keys an error message lists
-
-
-class CheckpointMismatchError(ValueError):
-    """Checkpoints that cannot be averaged: keys, shapes, head fingerprints or values differ."""
-
-
-class NonFiniteError(ValueError):
-    """An averaged (or incoming) tensor holds NaN or ±inf."""
-
-
-# --------------------------------------------------------------------------- files
-
-
-@dataclass(frozen=True)
-class CheckpointInfo:
-    """What a safetensors header says about a checkpoint (no tensor data read)."""
-
-    path: Path
-    shapes: dict[str, tuple[int, ...]]
-    dtypes: dict[str, str]
-    metadata: dict[str, str]
-
-    @property
-    def fingerprint(self) -> str | None:
-        """The ``ofa_head_fingerprint`` metadata, or None (also when stored as an empty string)."""
-        return self.metadata.get(FINGERPRINT_KEY) or None
-
-    @property
-    def run_id(self) -> str | None:
-        """The ``ofa_run_id`` metadata, or None."""
-        return self.metadata.get(RUN_ID_KEY)
-
-
-def checkpoint_info(path: PathLike) -> CheckpointInfo:
-    """Read keys, shapes, dtypes and metadata of a safetensors file from its header only."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    with safe_open(str(path), framework="pt") as f:
-        shapes, dtypes = {}, {}
-        for key in f.keys():
-            sl = f.get_slice(key)
-            shapes[key] = tuple(int(n) for n in sl.get_shape())
-            dtypes[key] = str(sl.get_dtype())
-        metadata = dict(f.metadata() or {})
-    return CheckpointInfo(path=path, shapes=shapes, dtypes=dtypes, metadata=metadata)
-
-
-def read_metadata(path: PathLike) -> dict[str, str]:
-    """The safetensors metadata (string -> string) of ``path``; {} when there is none."""
-    return dict(checkpoint_info(path).metadata)
-
-
-def load_checkpoint(path: PathLike, *, dtype: torch.dtype | None = None) -> StateDict:
-    """Load a safetensors checkpoint; floating tensors cast to ``dtype`` when given."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    out: StateDict = {}
-    with safe_open(str(path), framework="pt") as f:
-        for key in f.keys():
-            out[key] = _cast(f.get_tensor(key), dtype)
-    return out
-
-
-def save_checkpoint(
-    state_dict: Mapping[str, torch.Tensor],
-    path: PathLike,
-    *,
-    dtype: torch.dtype | None = None,
-    metadata: Mapping[str, str] | None = None,
-) -> None:
-    """Atomically write ``state_dict`` as safetensors (floating tensors cast to ``dtype`` if given).
-
-    Tensors are moved to CPU and made contiguous; tensors sharing storage (tied weights) or
-    views into a larger storage are cloned, so each is stored in full under its own key.
-    ``metadata`` values must be strings; ``format: pt`` is added unless given.
-    """
-    meta = {"format": "pt", **dict(metadata or {})}
-    bad = [k for k, v in meta.items() if not isinstance(k, str) or not isinstance(v, str)]
-    if bad:
-        raise TypeError(f"safetensors metadata must map str to str; offending keys: {bad[:_SHOW]}")
-    tensors: StateDict = {}
-    seen: set[int] = set()
-    for key, value in state_dict.items():
-        t = _cast(value.detach().to("cpu"), dtype).contiguous()
-        storage = t.untyped_storage()
-        if t.numel() > 0:
-            ptr = storage.data_ptr()
-            if ptr in seen or t.storage_offset() != 0 or storage.nbytes() != t.nbytes:
-                t = t.clone()
-            seen.add(t.untyped_storage().data_ptr())
-        tensors[key] = t
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
-
-
-def head_fingerprint(state_dict: Mapping[str, torch.Tensor], head_prefixes: Sequence[str]) -> str:
-    """sha256 (hex) over sorted key names, shapes, dtypes and raw bytes of the head tensors.
-
-    The head tensors are those whose key starts with one of ``head_prefixes``; compute it on the
-    head as initialised (before training) and store it as ``ofa_head_fingerprint`` metadata.
-    """
-    if isinstance(head_prefixes, str):
-        head_prefixes = [head_prefixes]
-    keys = sorted(k for k in state_dict if any(k.startswith(p) for p in head_prefixes))
-    if not keys:
-        raise KeyError(f"no tensor key starts with any of the head prefixes {list(head_prefixes)}")
-    h = hashlib.sha256()
-    for key in keys:
-        t = state_dict[key].detach().to("cpu").contiguous()
-        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes()
-        h.update(f"{key}\0{tuple(t.shape)}\0{t.dtype}\0{len(raw)}\0".encode())
-        h.update(raw)
-    return h.hexdigest()
-
-
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-           "BOOL": torch.bool}
-
-
-class _TensorReader:
-    """Reads whole tensors or blocks of rows of a safetensors file with ``os.pread``.
-
-    Every read returns memory the caller owns (nothing stays resident as pages of a mapping, as
-    with safetensors' default mmap backend, where N open files would grow RSS to N models), and a
-    block of rows reads only its own bytes.
-    """
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.fd = os.open(path, os.O_RDONLY)
-        (n,) = struct.unpack("<Q", os.pread(self.fd, 8, 0))
-        self.header = json.loads(os.pread(self.fd, n, 8))
-        self.base = 8 + n
-
-    def get_rows(self, key: str, rows: slice | None = None) -> torch.Tensor:
-        entry = self.header[key]
-        dtype, shape = _DTYPES[entry["dtype"]], list(entry["shape"])
-        start, stop = entry["data_offsets"]
-        if rows is not None:
-            row_bytes = (stop - start) // shape[0]
-            start, stop = start + rows.start * row_bytes, start + rows.stop * row_bytes
-            shape[0] = rows.stop - rows.start
-        buf = bytearray(stop - start)
-        view, done = memoryview(buf), 0
-        while done < len(buf):
-            got = os.preadv(self.fd, [view[done:]], self.base + start + done)
-            if got <= 0:
-                raise OSError(f"{self.path}: short read of {key!r}")
-            done += got
-        if not buf:
-            return torch.empty(shape, dtype=dtype)
-        return torch.frombuffer(buf, dtype=dtype).reshape(shape)
-
-    def close(self) -> None:
-        os.close(self.fd)
-
-    def __enter__(self) -> "_TensorReader":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-# --------------------------------------------------------------------------- checks
-
-
-def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-    return t.to(dtype) if dtype is not None and t.is_floating_point() else t
-
-
-def _check_compatible(ref: CheckpointInfo, other: CheckpointInfo) -> None:
-    """Raise CheckpointMismatchError unless ``other`` has ref's head fingerprint, keys and shapes."""
-    if ref.fingerprint != other.fingerprint:
-        raise CheckpointMismatchError(
-            "classifier heads are not aligned (ofa_head_fingerprint differs): "
-            f"{ref.path} has {ref.fingerprint or 'no fingerprint'}, "
-            f"{other.path} has {other.fingerprint or 'no fingerprint'}; refusing to average"
-        )
-    missing = sorted(set(ref.shapes) - set(other.shapes))
-    extra = sorted(set(other.shapes) - set(ref.shapes))
-    if missing or extra:
-        raise CheckpointMismatchError(
-            f"{other.path} has different keys from {ref.path}: "
-            f"{len(missing)} missing (first: {missing[:_SHOW]}), "
-            f"{len(extra)} extra (first: {extra[:_SHOW]})"
-        )
-    for key, shape in ref.shapes.items():
-        if other.shapes[key] != shape:
-            raise CheckpointMismatchError(
-                f"shape mismatch for key {key!r}: {list(shape)} in {ref.path} "
-                f"but {list(other.shapes[key])} in {other.path}"
-            )
-
-
-def _inspect_all(paths: Sequence[PathLike]) -> list[CheckpointInfo]:
-    """Headers of all ``paths``, checked for existence and mutual compatibility."""
-    paths = [Path(p) for p in paths]
-    if not paths:
-        raise ValueError("no checkpoints given")
-    missing = [str(p) for p in paths if not p.is_file()]
-    if missing:
-        raise FileNotFoundError(f"checkpoint(s) not found: {missing}")
-    infos = [checkpoint_info(p) for p in paths]
-    fingerprints = {i.fingerprint for i in infos}
-    if len(fingerprints) > 1:
-        listing = ", ".join(f"{i.path}: {i.fingerprint or 'no fingerprint'}" for i in infos)
-        raise CheckpointMismatchError(
-            f"classifier heads are not aligned (ofa_head_fingerprint differs); refusing to average: {listing}"
-        )
-    for info in infos[1:]:
-        _check_compatible(infos[0], info)
-    return infos
-
 
 def _check_weights(weights: Sequence[float] | None, n: int) -> list[float]:
     if weights is None:
@@ -272,19 +62,6 @@ def _check_weights(weights: Sequence[float] | None, n: int) -> list[float]:
     if sum(w) <= 0:
         raise ValueError(f"weights must sum to a positive number, got {w}")
     return w
-
-
-def _all_finite(t: torch.Tensor) -> bool:
-    """True if ``t`` has no NaN/±inf (min and max propagate both; ~20x cheaper than isfinite)."""
-    if not t.is_floating_point() or t.numel() == 0:
-        return True
-    lo, hi = torch.aminmax(t.detach())
-    return math.isfinite(float(lo)) and math.isfinite(float(hi))
-
-
-def _check_finite(key: str, t: torch.Tensor, what: str = "averaged tensor") -> None:
-    if not _all_finite(t):
-        raise NonFiniteError(f"non-finite values (NaN/inf) in {what} {key!r}")
 
 
 def _average_metadata(
@@ -322,7 +99,7 @@ def average_checkpoints(
 
     All headers are checked first (files exist; same keys, shapes and head fingerprint). Then,
     for each key, that tensor is read from each file in turn and accumulated (tensors above
-    ``_BLOCK`` elements block of rows by block of rows), so memory holds the output model plus a
+    ``BLOCK`` elements block of rows by block of rows), so memory holds the output model plus a
     16 MiB accumulator, whatever ``len(paths)`` and the size of the embedding table. ``weights`` (default uniform)
     must be non-negative with a positive sum and are normalised; zero-weight files are checked
     but not read. Output dtype: ``dtype``, else each tensor's dtype in the first file.
@@ -330,21 +107,21 @@ def average_checkpoints(
     inputs and weights as JSON under ``ofa_average_inputs``, the head fingerprint) and None is
     returned; otherwise the state dict is returned.
     """
-    infos = _inspect_all(paths)
+    infos = inspect_all(paths)
     w = _check_weights(weights, len(infos))
     total = sum(w)
     # large tensors are averaged in blocks of rows through one small fp32 accumulator, so memory
-    # holds the output model plus O(_BLOCK) elements, however large the embedding table
+    # holds the output model plus O(BLOCK) elements, however large the embedding table
     widest_row = max((math.prod(sh[1:]) for sh in infos[0].shapes.values() if len(sh) > 1), default=0)
-    acc_buf = torch.empty(max(_BLOCK, widest_row), dtype=torch.float32)
+    acc_buf = torch.empty(max(ckpt_io.BLOCK, widest_row), dtype=torch.float32)
     scratch = torch.empty(_CHUNK, dtype=torch.float32)
     result: StateDict = {}
     with contextlib.ExitStack() as stack:
-        handles = [stack.enter_context(_TensorReader(i.path)) for i in infos]
+        handles = [stack.enter_context(TensorReader(i.path)) for i in infos]
         for key, shape in infos[0].shapes.items():
             const: torch.Tensor | None = None  # copied value (non-floating tensors)
             out: torch.Tensor | None = None
-            for rows in _row_blocks(shape):
+            for rows in row_blocks(shape):
                 acc: torch.Tensor | None = None  # fp32 weighted sum of this block (floating tensors)
                 for info, handle, wi in zip(infos, handles, w):
                     if wi == 0:
@@ -375,7 +152,7 @@ def average_checkpoints(
                     acc.div_(total)
                 block = out[rows] if rows is not None else out
                 block.copy_(acc)
-                _check_finite(key, block)  # NaN/inf in an input, or overflow of the output dtype
+                check_finite(key, block)  # NaN/inf in an input, or overflow of the output dtype
             if out is None:
                 assert const is not None
                 result[key] = const
@@ -389,17 +166,6 @@ def average_checkpoints(
 
 
 _CHUNK = 1 << 20  # elements of the fp32 scratch buffer used to upcast bf16/fp16 inputs (4 MiB)
-_BLOCK = 1 << 22  # elements of the fp32 accumulator (16 MiB): larger tensors are averaged in blocks of rows
-
-
-def _row_blocks(shape: Sequence[int]) -> list[slice | None]:
-    """Row slices that keep each block within ``_BLOCK`` elements (``[None]``: the whole tensor)."""
-    numel = math.prod(shape)
-    if numel <= _BLOCK or len(shape) == 0:
-        return [None]
-    per_row = max(1, numel // shape[0])
-    step = max(1, _BLOCK // per_row)
-    return [slice(a, min(a + step, shape[0])) for a in range(0, shape[0], step)]
 
 
 def _accumulate(acc: torch.Tensor, t: torch.Tensor, weight: float, scratch: torch.Tensor) -> None:
@@ -481,8 +247,8 @@ class RunningMean:
             if missing or extra:
                 raise CheckpointMismatchError(
                     f"{name} has different keys from the running mean: "
-                    f"{len(missing)} missing (first: {missing[:_SHOW]}), "
-                    f"{len(extra)} extra (first: {extra[:_SHOW]})"
+                    f"{len(missing)} missing (first: {missing[:SHOW]}), "
+                    f"{len(extra)} extra (first: {extra[:SHOW]})"
                 )
         for key, value in state_dict.items():
             if self.count:
@@ -494,7 +260,7 @@ class RunningMean:
                     )
                 if not value.is_floating_point() and not torch.equal(value.to(ref.device), ref):
                     raise CheckpointMismatchError(f"non-floating tensor {key!r} differs in {name}")
-            _check_finite(key, value, what=f"input {name}, tensor")
+            check_finite(key, value, what=f"input {name}, tensor")
 
 
 def _mean_step(mean: torch.Tensor, x: torch.Tensor, r: int) -> None:
@@ -519,7 +285,7 @@ def running_average(
         if ref is None:
             ref = info
         else:
-            _check_compatible(ref, info)
+            check_compatible(ref, info)
         mean.update(load_checkpoint(info.path), name=str(info.path))
         yield mean.state_dict(dtype)
 
@@ -542,7 +308,7 @@ def greedy_soup(
     Returns (soup state dict, or None when written to ``out_path``; kept indices into
     ``paths`` in the order they were added).
     """
-    infos = _inspect_all(paths)
+    infos = inspect_all(paths)
     scores: list[float] = []
     for info in infos:
         score = float(score_fn(load_checkpoint(info.path, dtype=dtype)))

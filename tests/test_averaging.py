@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ofa_lib import averaging
+from ofa_lib import averaging, ckpt_io
 from ofa_lib.averaging import (
     CheckpointMismatchError,
     NonFiniteError,
@@ -349,7 +349,7 @@ class _SpyOpen:
         self.live -= n
 
 
-averaging_safe_open = averaging.safe_open
+averaging_safe_open = ckpt_io.safe_open
 
 
 def _big_model_files(tmp: Path, n: int, rows: int = 256) -> tuple[list[Path], int, int]:
@@ -366,7 +366,7 @@ def _big_model_files(tmp: Path, n: int, rows: int = 256) -> tuple[list[Path], in
 def test_streaming_reads_one_tensor_at_a_time(tmp_path: Path, monkeypatch) -> None:
     paths, model_bytes, tensor_bytes = _big_model_files(tmp_path, 8, rows=64)
     spy = _SpyOpen()
-    inner = averaging._TensorReader.get_rows
+    inner = ckpt_io.TensorReader.get_rows
 
     def get_rows(reader, key, rows=None):  # count reads per (file, key); track the bytes alive
         t = inner(reader, key, rows)
@@ -376,14 +376,14 @@ def test_streaming_reads_one_tensor_at_a_time(tmp_path: Path, monkeypatch) -> No
         weakref.finalize(t, spy._freed, t.untyped_storage().nbytes())
         return t
 
-    monkeypatch.setattr(averaging._TensorReader, "get_rows", get_rows)
+    monkeypatch.setattr(ckpt_io.TensorReader, "get_rows", get_rows)
     average_checkpoints(paths)
     assert set(spy.reads.values()) == {1} and len(spy.reads) == 8 * 4
     # one tensor read alive at a time, never N models
     assert spy.peak == tensor_bytes < model_bytes
 
     spy2 = _SpyOpen()
-    monkeypatch.setattr(averaging, "safe_open", spy2)
+    monkeypatch.setattr(ckpt_io, "safe_open", spy2)
     for _ in running_average(paths):
         pass
     assert set(spy2.reads.values()) == {1} and len(spy2.reads) == 8 * 4  # each file read once
@@ -487,8 +487,8 @@ def test_large_tensors_are_averaged_in_row_blocks(tmp_path, monkeypatch):
         paths.append(tmp_path / f"{i}.safetensors")
         A.save_checkpoint(st, paths[-1])
     whole = A.average_checkpoints(paths)
-    monkeypatch.setattr(A, "_BLOCK", 16)
-    assert A._row_blocks((37, 5))[:2] == [slice(0, 3), slice(3, 6)] and A._row_blocks((2, 40)) == [slice(0, 1), slice(1, 2)]
+    monkeypatch.setattr(ckpt_io, "BLOCK", 16)
+    assert ckpt_io.row_blocks((37, 5))[:2] == [slice(0, 3), slice(3, 6)] and ckpt_io.row_blocks((2, 40)) == [slice(0, 1), slice(1, 2)]
     blocked = A.average_checkpoints(paths)
     for key in whole:
         assert blocked[key].dtype == whole[key].dtype
