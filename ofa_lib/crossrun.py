@@ -1,26 +1,40 @@
-"""Across runs for OUR runs (docs/method.md §4): accumulative averaging and soups, evaluated once.
+"""Across runs for OUR runs (docs/method.md §4): accumulative merges and soups, evaluated once.
 
 :func:`find_runs` lists the finished runs under ``outputs/runs`` and checks that they can be
 combined: same data parameters (every config field except lr, batch_size, seed and head), the
-same head fingerprint and the same vocabulary. :func:`average_runs` then, for each sampling
-seed, takes the ordered run list of :func:`ofa_lib.selection.sample_runs`, streams
-θ̄_1 … θ̄_r of each variant with :func:`ofa_lib.averaging.running_average` (each checkpoint read
-once), loads each θ̄_r into ONE model skeleton (built once with :func:`ofa_lib.training.prepare`
-of the first run's config, whose featurized dev/test sets are reused) and scores it on the
-source dev, target dev and target test sets. Soups average the ``soup_k`` kept top-k snapshots
-with the best English dev among the first r runs.
+same head fingerprint and the same vocabulary. :func:`average_runs` then runs one pass in three
+separate steps:
+
+- **planning** (:func:`plan_pass`): for each sampling seed the ordered run list of
+  :func:`ofa_lib.selection.sample_runs`; for each merge method (:mod:`ofa_lib.merging`; default
+  the paper's uniform mean), variant and r the merge of the first r runs, and the soups of the
+  ``soup_k`` kept top-k snapshots with the best English dev among the first r runs;
+- **cache** (:func:`open_cache`, :func:`cache_status`): which of those the results store
+  already holds, under this name or under another with the same content;
+- **execution** (:func:`execute_pass`): the rest is computed (incremental methods streamed with
+  one checkpoint read per r; the others in row blocks of all r inputs; greedy soups by English-dev
+  trials), loaded into ONE model skeleton (built once with :func:`ofa_lib.training.prepare` of
+  the first run's config, whose featurized dev/test sets are reused) and scored on the source dev
+  and target test sets.
 
 Rows go to the tidy results store (:func:`ofa_lib.results.append`) after every evaluation, as
-``kind="average"`` (``acc_avg:<variant>:r=<r>:sampling=<s>``) and ``kind="soup"``
-(``soup:top<k>:r=<r>:sampling=<s>``) rows with ``run_id == name`` and ``members`` = the r run
-ids in sampling order (the contract of :mod:`ofa_lib.results` / :mod:`ofa_lib.selection`).
+``kind="average"`` (``acc_avg:<variant>:r=<r>:sampling=<s>``, ``method`` = the merge method's
+label) and ``kind="soup"`` (``soup:top<k>:r=<r>:sampling=<s>``, ``method="uniform"``) rows with
+``run_id == name`` and ``members`` = the r run ids in sampling order (the contract of
+:mod:`ofa_lib.results` / :mod:`ofa_lib.selection`).
 
-The cache: a set of weights is identified by its content -- ``("average", variant, sorted
-member run ids)`` for averages (the uniform mean does not depend on the order), ``("soup",
-sorted (run id, snapshot) pairs)`` for soups. Before evaluating, the store is searched for rows
-with the same content key (under any name); if found, their scores are copied under the new
-name and nothing is evaluated. So samplings whose first r runs are the same set, r = 1 across
-samplings, and re-running the notebook cost no evaluation; an interrupted pass resumes.
+The cache: a set of weights is identified by its content -- :meth:`ofa_lib.merging.MergeSpec.key`
+for merges (the uniform mean: ``("average", variant, sorted member run ids)``, as it always was,
+since its order does not matter; any other method adds its label with every option, and keeps
+the member order when the order matters), ``("soup", sorted (run id, snapshot) pairs)`` for
+soups. Before evaluating, the store is searched for rows with the same content key (under any
+name); if found, their scores are copied under the new name and nothing is evaluated. So
+samplings whose first r runs are the same set, r = 1 across samplings, and re-running the
+notebook cost no evaluation; an interrupted pass resumes.
+
+Methods on task vectors need θ₀: the first run's prepared, untrained model (pretrained encoder,
+the runs' vocabulary, their frozen aligned head), written once in fp32 next to the averages;
+runs whose θ₀ differ (see :func:`base_identity`) are refused.
 
 Rows written to the store follow its documented conventions: the source-language rows carry
 ``lang = "en"`` (:data:`ofa_lib.results.SOURCE_LANG`; SIB-200 calls English ``eng_Latn``) and
@@ -44,7 +58,7 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from . import averaging, evaluation, metrics, training
+from . import averaging, evaluation, merging, metrics, training
 from . import results as R
 from . import selection as S
 from .config import TrainConfig
@@ -192,9 +206,11 @@ def collect_run_metrics(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 # --------------------------------------------------------------------------- content keys
-def average_key(variant: str, members: Iterable[str]) -> tuple:
-    """Content key of the uniform average of the members' ``variant`` weights (order-free)."""
-    return ("average", variant, tuple(sorted(members)))
+def average_key(variant: str, members: Iterable[str], spec: merging.MergeSpec | None = None) -> tuple:
+    """Content key of a merge (default: the uniform mean) of the members' ``variant`` weights:
+    :meth:`ofa_lib.merging.MergeSpec.key` (uniform: order-free, as always; other methods add
+    their label and options, and keep the order where it matters)."""
+    return (spec or UNIFORM).key(variant, members)
 
 
 def soup_key(pairs: Iterable[tuple[str, int]]) -> tuple:
@@ -204,6 +220,9 @@ def soup_key(pairs: Iterable[tuple[str, int]]) -> tuple:
 
 def key_digest(key: tuple) -> str:
     return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
+
+
+UNIFORM = merging.make_spec("uniform")
 
 
 @dataclass
@@ -240,7 +259,7 @@ def soup_members(snapshots: dict[str, list[_Snapshot]], run_ids: Sequence[str], 
     return sorted(pool, key=lambda s: (-s.score, s.run_id, s.snapshot))[:k]
 
 
-# --------------------------------------------------------------------------- the pass
+# --------------------------------------------------------------------------- planning
 @dataclass
 class _Item:
     kind: str          # average | soup
@@ -249,7 +268,8 @@ class _Item:
     r: int
     members: list[str]
     key: tuple
-    paths: list[Path]  # soups: the snapshot files
+    paths: list[Path]  # averages: the members' variant files; soups: the snapshot files
+    spec: merging.MergeSpec = UNIFORM
     name: str = ""
     status: str = ""   # stored | reused | evaluate
 
@@ -257,15 +277,161 @@ class _Item:
     def members_str(self) -> str:
         return R.join_members(self.members)
 
+    @property
+    def method(self) -> str:
+        return self.spec.label
+
 
 @dataclass
+class CrossRunPlan:
+    """What one cross-run pass computes (:func:`plan_pass`): the runs, their samplings, the merge
+    methods and the ordered work list, before anything is read from the store or evaluated."""
+
+    cfg: TrainConfig
+    paths: dict[str, Path]
+    r_eff: int
+    orders: dict[int, list[str]]
+    specs: list[merging.MergeSpec]
+    snapshots: dict[str, list[_Snapshot]]
+    soup_k: int | None
+    items: list[_Item]
+    expected: set[tuple[str, str, str, str]]
+    avg_dir: Path
+    soups_skipped: int = 0
+    base_id: str | None = None  # what θ₀ is made of (when a method needs it): names its file
+
+    @property
+    def source_lang(self) -> str:
+        return self.cfg.source_lang()
+
+    def key_of_row(self, name: str, members: list[str], method: str) -> tuple | None:
+        """The content key of a stored cross-run row (None: not one this pass can reuse)."""
+        try:
+            kind, variant, r, _ = R.parse_cross_name(name)
+        except ValueError:
+            return None
+        if kind == "acc_avg":
+            spec = merging.spec_from_label(method)
+            return None if spec is None else average_key(variant, members, spec)
+        if kind == "soup" and method == R.UNIFORM and variant.startswith("top") and variant[3:].isdigit():
+            if not all(m in self.snapshots for m in members):
+                return None
+            chosen = soup_members(self.snapshots, members, int(variant[3:]))
+            return soup_key((s.run_id, s.snapshot) for s in chosen) if len(chosen) == int(variant[3:]) else None
+        return None
+
+
+def base_identity(runs: pd.DataFrame) -> dict[str, str]:
+    """What θ₀ (pretrained encoder + the run's frozen, aligned head) is made of, per run: the
+    model, the vocabulary and the head fingerprint -- plus the seed when task adapters (initialised
+    with the run's seed) are part of the weights. Runs with different identities have different θ₀."""
+    out = {}
+    for run_id, path, fp in zip(runs["run_id"], runs["path"], runs["head_fingerprint"]):
+        p = _manifest(path)["params"]
+        ident = {"model": p.get("model_name"), "vocabulary": vocabulary_key(path), "head": fp}
+        if p.get("adapters"):
+            ident["adapter_seed"] = p.get("seed")
+        out[run_id] = json.dumps(ident, sort_keys=True)
+    return out
+
+
+def plan_pass(
+    runs: pd.DataFrame,
+    *,
+    variants: Sequence[str] = AVERAGE_VARIANTS,
+    r_max: int = 10,
+    samplings: Iterable[int] = range(10),
+    soup_k: int | None = 5,
+    methods: Any = None,
+    method_variants: Sequence[str] | None = None,
+    averages_dir: str | Path | None = None,
+) -> CrossRunPlan:
+    """Plan a pass (see :func:`average_runs`): check the runs, draw the samplings, list every
+    method × variant × sampling × r average and every soup in a deterministic order."""
+    check_compatible(runs)
+    bad = [v for v in variants if v not in AVERAGE_VARIANTS + ("trg_dev",)]
+    if bad:
+        raise ValueError(f"unknown variant(s) {bad}; expected some of {AVERAGE_VARIANTS}")
+    specs = merging.parse_methods(methods)
+    if method_variants is not None:
+        extra = [v for v in method_variants if v not in variants]
+        if extra:
+            raise ValueError(f"method_variants {extra} are not among variants {list(variants)}")
+    base_id = None
+    if any(s.info.needs_base for s in specs):
+        ids = _groups(base_identity(runs))
+        base_id = next(iter(ids))
+        if len(ids) > 1:
+            raise IncompatibleRunsError(
+                f"merge method(s) {[s.method for s in specs if s.info.needs_base]} need one θ₀ (pretrained weights + "
+                f"head) for all runs, but the runs' θ₀ differ: {list(ids.values())}")
+    paths = dict(zip(runs["run_id"], (Path(p) for p in runs["path"])))
+    first = runs["run_id"].iloc[0]
+    cfg = _config(paths[first])
+    n_cfg = len(runs[["lr", "batch_size"]].drop_duplicates())
+    r_eff = min(int(r_max), n_cfg)
+    if r_eff < r_max:
+        warnings.warn(f"only {n_cfg} (lr, batch_size) configurations: r_max capped at {r_eff} (asked {r_max})",
+                      stacklevel=3)
+    samplings = [int(s) for s in samplings]
+    orders = {s: S.sample_runs(runs, r_eff, seed=s) for s in samplings}
+
+    # soups: each run's kept snapshots and their English dev scores
+    snapshots: dict[str, list[_Snapshot]] = {}
+    if soup_k:
+        snapshots = {r: kept_snapshots(p) for r, p in paths.items()}
+        if not any(snapshots.values()):
+            warnings.warn("no run kept top-k snapshots (train with top_k >= 1): soups skipped", stacklevel=3)
+            soup_k = None
+        else:
+            top_k, n_snap = int(cfg.top_k), int(cfg.num_snapshots)
+            if top_k < soup_k and top_k < n_snap:
+                warnings.warn(f"runs kept only their top_k={top_k} snapshots (< soup_k={soup_k}): a soup's "
+                              f"top-{soup_k} among r runs may miss snapshots a run did not keep", stacklevel=3)
+
+    # the work list, in a deterministic order: per sampling, per method, per variant, r = 1..r_eff; then soups
+    items: list[_Item] = []
+    skipped = 0
+    for s in samplings:
+        order = orders[s]
+        for spec in specs:
+            # the uniform mean on every variant; other methods on method_variants (a cost knob)
+            for v in variants if spec.method == "uniform" or method_variants is None else method_variants:
+                for r in range(1, r_eff + 1):
+                    items.append(_Item("average", v, s, r, order[:r], average_key(v, order[:r], spec),
+                                       [paths[i] / "checkpoints" / f"{v}.safetensors" for i in order[:r]], spec))
+        if soup_k:
+            for r in range(1, r_eff + 1):
+                chosen = soup_members(snapshots, order[:r], soup_k)
+                if len(chosen) < soup_k:
+                    skipped += 1
+                    continue
+                items.append(_Item("soup", f"top{soup_k}", s, r, order[:r],
+                                   soup_key((c.run_id, c.snapshot) for c in chosen), [c.path for c in chosen]))
+    if skipped:
+        warnings.warn(f"{skipped} soup(s) skipped: fewer than soup_k={soup_k} kept snapshots among the first r runs",
+                      stacklevel=3)
+    for it in items:
+        it.name = R.cross_name("acc_avg" if it.kind == "average" else "soup", it.variant, it.r, it.sampling)
+
+    # averaged models are scored on English dev and the target test sets (target dev only serves
+    # the Max TRG-DEV oracle over single runs)
+    source_lang = cfg.source_lang()
+    expected = {(d, split, R.SOURCE_LANG if lang == source_lang else lang, STORE_METRIC.get(m, m))
+                for d, lang, split in [cfg.dev_sets()[0], *cfg.test_sets()] for m in metrics.task_metrics(cfg.task)}
+    avg_dir = Path(averages_dir) if averages_dir else paths[first].parent.parent / "averages" / cfg.task
+    return CrossRunPlan(cfg, paths, r_eff, orders, specs, snapshots, soup_k, items, expected, avg_dir, skipped, base_id)
+
+
+# --------------------------------------------------------------------------- the evaluation cache
+@dataclass
 class _Store:
-    """The results store's cross-run rows, indexed by name and by content key."""
+    """The results store's cross-run rows, indexed by (method, name) and by content key."""
 
     path: Path
     task: str
     model: str
-    by_name: dict[str, tuple[str, pd.DataFrame]] = field(default_factory=dict)
+    by_name: dict[tuple[str, str], tuple[str, pd.DataFrame]] = field(default_factory=dict)
     by_key: dict[tuple, pd.DataFrame] = field(default_factory=dict)
     pending: list[pd.DataFrame] = field(default_factory=list)
 
@@ -273,17 +439,16 @@ class _Store:
         if not self.path.exists():
             return
         d = R.read(self.path)
-        d = d[(d["task"] == self.task) & (d["model"] == self.model) & d["kind"].isin(["average", "soup"])]
-        for name, g in d.groupby("name", sort=False):
+        d = d[(d["task"] == self.task) & (d["model"] == self.model) & d["kind"].isin(R.CROSS_KINDS)]
+        for (method, name), g in d.groupby(["method", "name"], sort=False):
             members = str(g["members"].iloc[0])
-            self.by_name[name] = (members, g)
-            key = key_of_row(name, R.members_list(members))
+            self.by_name[(method, name)] = (members, g)
+            key = key_of_row(name, R.members_list(members), method)
             if key is not None:
                 self.by_key.setdefault(key, g)
 
     def add(self, key: tuple, rows: pd.DataFrame, flush: bool) -> None:
-        name = rows["name"].iloc[0]
-        self.by_name[name] = (rows["members"].iloc[0], rows)
+        self.by_name[(rows["method"].iloc[0], rows["name"].iloc[0])] = (rows["members"].iloc[0], rows)
         self.by_key.setdefault(key, rows)
         self.pending.append(rows)
         if flush:
@@ -300,6 +465,38 @@ def _complete(rows: pd.DataFrame, expected: set[tuple[str, str, str, str]]) -> b
     return expected <= have
 
 
+def open_cache(plan: CrossRunPlan, results_path: str | Path, runs: pd.DataFrame) -> _Store:
+    """The store's cross-run rows indexed for :func:`cache_status` (warns about stale names)."""
+    store = _Store(Path(results_path), plan.cfg.task, plan.cfg.model_name)
+    store.load(plan.key_of_row)
+    stale = _stale_names(store, runs, plan.r_eff, dict(plan.orders))
+    if stale:
+        warnings.warn(f"{len(stale)} cross-run name(s) in {results_path} list members this pool of runs would not "
+                      f"sample (another pool of runs?), e.g. {stale[:3]}; names this pass computes are overwritten, "
+                      f"the others stay: use a fresh results_path when the pool of runs changes", stacklevel=3)
+    return store
+
+
+def cache_status(store: _Store, it: _Item, expected: set) -> str:
+    """stored (this method and name, same members), reused (same content under another name) or evaluate."""
+    stored = store.by_name.get((it.method, it.name))
+    if stored is not None and stored[0] == it.members_str and _complete(stored[1], expected):
+        return "stored"
+    cached = store.by_key.get(it.key)
+    return "reused" if cached is not None and _complete(cached, expected) else "evaluate"
+
+
+def reuse_rows(store: _Store, it: _Item, rows: pd.DataFrame, flush: bool = False) -> None:
+    """Store ``rows`` (scores of the same weights) under ``it``'s name, method and members."""
+    rows = rows.copy()
+    rows["name"] = it.name
+    rows["run_id"] = it.name
+    rows["members"] = it.members_str
+    rows["method"] = it.method
+    store.add(it.key, rows, flush=flush)
+
+
+# --------------------------------------------------------------------------- execution
 def average_runs(
     runs: pd.DataFrame,
     *,
@@ -307,134 +504,76 @@ def average_runs(
     r_max: int = 10,
     samplings: Iterable[int] = range(10),
     soup_k: int | None = 5,
+    methods: Any = None,
+    method_variants: Sequence[str] | None = None,
     results_path: str | Path,
     keep_checkpoints: bool = False,
     averages_dir: str | Path | None = None,
     device: str | None = None,
     progress: bool = True,
 ) -> pd.DataFrame:
-    """Accumulative averages (and soups) of ``runs`` for every sampling, evaluated once each.
+    """Accumulative merges (and soups) of ``runs`` for every sampling, evaluated once each.
 
     ``runs``: :func:`find_runs`' frame (checked again). For each sampling seed ``s`` in
     ``samplings``, :func:`ofa_lib.selection.sample_runs` orders ``min(r_max, #configs)`` runs;
-    for each variant, θ̄_1…θ̄_r are streamed with :func:`ofa_lib.averaging.running_average` and
-    scored on every dev and test set; with ``soup_k`` (None or 0: no soups), the soup of the
-    ``soup_k`` best kept snapshots by English dev among the first r runs is scored too (r where
-    fewer than ``soup_k`` snapshots are kept are skipped with a warning). Rows are appended to
-    ``results_path`` after each evaluation; weights already evaluated (same content key, any
-    name) are not evaluated again. With ``keep_checkpoints`` every computed average is written
-    (atomically) to ``averages_dir`` (default ``<runs_root>/../averages/<task>/``) as
-    ``<kind>-<variant>-<content digest>.safetensors``.
+    for each merge method (``methods``: see :func:`ofa_lib.merging.parse_methods`; default the
+    uniform mean) and variant (methods other than uniform: only ``method_variants`` when given),
+    the merges of the first r = 1…r_max runs are computed (incremental
+    methods: streamed, each checkpoint read once; others: in row blocks of all r inputs) and
+    scored on English dev and every test set; with ``soup_k`` (None or 0: no soups), the soup of
+    the ``soup_k`` best kept snapshots by English dev among the first r runs is scored too (r
+    where fewer than ``soup_k`` snapshots are kept are skipped with a warning). Rows are appended
+    to ``results_path`` after each evaluation, with the method's label in ``method``; weights
+    already evaluated (same content key, any name) are not evaluated again. With
+    ``keep_checkpoints`` every computed merge is written (atomically) to ``averages_dir`` (default
+    ``<runs_root>/../averages/<task>/``) as ``<kind>-<variant>-<content digest>.safetensors``.
+    Methods that need θ₀ write it there once (``base-<digest>.safetensors``, fp32).
 
-    Returns the tidy rows of every requested name (new or cached); ``.attrs["stats"]`` holds
-    the counts: ``evaluations`` done, ``reused`` (content already in the store under another
-    name), ``already_stored`` (this very name), ``avoided`` (= reused + already_stored),
+    Returns the tidy rows of every requested (method, name) (new or cached);
+    ``.attrs["stats"]`` holds the counts: ``evaluations`` done, ``dev_evaluations`` (greedy
+    soup's English-dev trials), ``reused`` (content already in the store under another name),
+    ``already_stored`` (this very name), ``avoided`` (= reused + already_stored),
     ``soups_skipped``, ``checkpoint_reads``, ``seconds`` (all), ``setup_seconds`` (building the
     model skeleton and evaluation sets, only when something is evaluated), ``eval_seconds``.
     """
     t_start = time.perf_counter()
-    check_compatible(runs)
-    bad = [v for v in variants if v not in AVERAGE_VARIANTS + ("trg_dev",)]
-    if bad:
-        raise ValueError(f"unknown variant(s) {bad}; expected some of {AVERAGE_VARIANTS}")
-    paths = dict(zip(runs["run_id"], (Path(p) for p in runs["path"])))
-    first = runs["run_id"].iloc[0]
-    cfg = _config(paths[first])
-    source_lang = cfg.source_lang()
-    n_cfg = len(runs[["lr", "batch_size"]].drop_duplicates())
-    r_eff = min(int(r_max), n_cfg)
-    if r_eff < r_max:
-        warnings.warn(f"only {n_cfg} (lr, batch_size) configurations: r_max capped at {r_eff} (asked {r_max})",
-                      stacklevel=2)
-    samplings = [int(s) for s in samplings]
-    orders = {s: S.sample_runs(runs, r_eff, seed=s) for s in samplings}
+    plan = plan_pass(runs, variants=variants, r_max=r_max, samplings=samplings, soup_k=soup_k, methods=methods,
+                     method_variants=method_variants, averages_dir=averages_dir)
+    store = open_cache(plan, results_path, runs)
+    stats = execute_pass(plan, store, keep_checkpoints=keep_checkpoints, device=device, progress=progress)
+    stats["seconds"] = round(time.perf_counter() - t_start, 2)
+    print(f"average_runs: {stats['evaluations']} evaluation(s), {stats['avoided']} avoided "
+          f"({stats['reused']} reused by content, {stats['already_stored']} already stored), "
+          f"{stats['checkpoint_reads']} checkpoint read(s), {stats['seconds']:.1f} s")
+    wanted = {(it.method, it.name) for it in plan.items}
+    out = R.read(results_path) if Path(results_path).exists() else R.empty_frame()
+    out = out[(out["task"] == plan.cfg.task) & (out["model"] == plan.cfg.model_name) & out["kind"].isin(R.CROSS_KINDS)]
+    out = out[[(m, n) in wanted for m, n in zip(out["method"], out["name"])]].reset_index(drop=True)
+    out.attrs["stats"] = stats
+    return out
 
-    # soups: each run's kept snapshots and their English dev scores
-    snapshots: dict[str, list[_Snapshot]] = {}
-    if soup_k:
-        snapshots = {r: kept_snapshots(p) for r, p in paths.items()}
-        if not any(snapshots.values()):
-            warnings.warn("no run kept top-k snapshots (train with top_k >= 1): soups skipped", stacklevel=2)
-            soup_k = None
-        else:
-            top_k, n_snap = int(cfg.top_k), int(cfg.num_snapshots)
-            if top_k < soup_k and top_k < n_snap:
-                warnings.warn(f"runs kept only their top_k={top_k} snapshots (< soup_k={soup_k}): a soup's "
-                              f"top-{soup_k} among r runs may miss snapshots a run did not keep", stacklevel=2)
 
-    def key_of_row(name: str, members: list[str]) -> tuple | None:
-        try:
-            method, variant, r, _ = R.parse_cross_name(name)
-        except ValueError:
-            return None
-        if method == "acc_avg":
-            return average_key(variant, members)
-        if method == "soup" and variant.startswith("top") and variant[3:].isdigit():
-            if not all(m in snapshots for m in members):
-                return None
-            chosen = soup_members(snapshots, members, int(variant[3:]))
-            return soup_key((s.run_id, s.snapshot) for s in chosen) if len(chosen) == int(variant[3:]) else None
-        return None
-
-    store = _Store(Path(results_path), cfg.task, cfg.model_name)
-    store.load(key_of_row)
-    stale = _stale_names(store, runs, r_eff, dict(orders))
-    if stale:
-        warnings.warn(f"{len(stale)} cross-run name(s) in {results_path} list members this pool of runs would not "
-                      f"sample (another pool of runs?), e.g. {stale[:3]}; names this pass computes are overwritten, "
-                      f"the others stay: use a fresh results_path when the pool of runs changes", stacklevel=2)
-
-    # the work list, in a deterministic order: per sampling, per variant, r = 1..r_eff; then soups
-    items: list[_Item] = []
-    skipped = 0
-    for s in samplings:
-        order = orders[s]
-        for v in variants:
-            for r in range(1, r_eff + 1):
-                items.append(_Item("average", v, s, r, order[:r], average_key(v, order[:r]),
-                                   [paths[i] / "checkpoints" / f"{v}.safetensors" for i in order[:r]]))
-        if soup_k:
-            for r in range(1, r_eff + 1):
-                chosen = soup_members(snapshots, order[:r], soup_k)
-                if len(chosen) < soup_k:
-                    skipped += 1
-                    continue
-                items.append(_Item("soup", f"top{soup_k}", s, r, order[:r],
-                                   soup_key((c.run_id, c.snapshot) for c in chosen), [c.path for c in chosen]))
-    if skipped:
-        warnings.warn(f"{skipped} soup(s) skipped: fewer than soup_k={soup_k} kept snapshots among the first r runs",
-                      stacklevel=2)
-
-    # averaged models are scored on English dev and the target test sets (target dev only serves
-    # the Max TRG-DEV oracle over single runs)
-    expected_sets = [cfg.dev_sets()[0], *cfg.test_sets()]
-    expected = {(d, split, R.SOURCE_LANG if lang == source_lang else lang, STORE_METRIC.get(m, m))
-                for d, lang, split in expected_sets for m in metrics.task_metrics(cfg.task)}
-    avg_dir = Path(averages_dir) if averages_dir else paths[first].parent.parent / "averages" / cfg.task
+def execute_pass(plan: CrossRunPlan, store: _Store, *, keep_checkpoints: bool = False, device: str | None = None,
+                 progress: bool = True) -> dict[str, Any]:
+    """Compute and evaluate what :func:`plan_pass` listed and the cache does not hold; returns the stats."""
+    cfg, source_lang = plan.cfg, plan.source_lang
+    stats: dict[str, Any] = {"evaluations": 0, "dev_evaluations": 0, "reused": 0, "already_stored": 0, "avoided": 0,
+                             "soups_skipped": plan.soups_skipped, "checkpoint_reads": 0, "seconds": 0.0,
+                             "setup_seconds": 0.0, "eval_seconds": 0.0}
+    own_scores: dict[str, pd.DataFrame] = {}  # run id -> its own variant rows (for the r = 1 consistency check)
+    skeleton: dict[str, Any] = {}
+    needs_base = any(s.info.needs_base for s in plan.specs)
+    base_file = plan.avg_dir / f"base-{key_digest([plan.base_id])}.safetensors"
 
     def ckpt_path(item: _Item) -> Path:
-        return avg_dir / f"{item.kind}-{item.variant}-{key_digest(item.key)}.safetensors"
-
-    for it in items:
-        it.name = R.cross_name("acc_avg" if it.kind == "average" else "soup", it.variant, it.r, it.sampling)
-
-    def status(it: _Item) -> str:
-        """stored (this name, same members), reused (same content under another name) or evaluate."""
-        stored = store.by_name.get(it.name)
-        if stored is not None and stored[0] == it.members_str and _complete(stored[1], expected):
-            return "stored"
-        cached = store.by_key.get(it.key)
-        return "reused" if cached is not None and _complete(cached, expected) else "evaluate"
-
-    stats = {"evaluations": 0, "reused": 0, "already_stored": 0, "avoided": 0, "soups_skipped": skipped,
-             "checkpoint_reads": 0, "seconds": 0.0, "setup_seconds": 0.0, "eval_seconds": 0.0}
-    own_scores = {}  # run id -> its own variant rows (for the r = 1 consistency check)
-    skeleton: dict[str, Any] = {}
+        return plan.avg_dir / f"{item.kind}-{item.variant}-{key_digest(item.key)}.safetensors"
 
     def model_and_sets():
         if not skeleton:
             t0 = time.perf_counter()
             prep = training.prepare(cfg)
+            if needs_base:  # θ₀ is the skeleton before any merge is loaded into it
+                _write_base(prep, base_file, plan)
             dev = torch.device(device) if device else training.pick_device(cfg.precision)
             skeleton.update(model=prep.model.to(dev).eval(), sets=prep.dev_sets[:1] + prep.test_sets, device=dev,
                             autocast=training.AUTOCAST.get(cfg.precision))
@@ -442,24 +581,35 @@ def average_runs(
             stats["setup_seconds"] = round(time.perf_counter() - t0, 2)
         return skeleton
 
+    def base() -> Path:
+        model_and_sets()
+        if not base_file.is_file():  # the skeleton was built by an earlier pass step: build θ₀ afresh
+            _write_base(training.prepare(cfg), base_file, plan)
+        return base_file
+
+    def score(state: dict[str, torch.Tensor], sets) -> dict:
+        sk = model_and_sets()
+        sk["model"].load_state_dict(state, strict=True)
+        return {s.key: evaluation.score(sk["model"], s, cfg.task, batch_size=cfg.eval_batch_size, device=sk["device"],
+                                        autocast_dtype=sk["autocast"]) for s in sets}
+
     def evaluate(it: _Item, state: dict[str, torch.Tensor]) -> None:
         sk = model_and_sets()
         t0 = time.perf_counter()
-        sk["model"].load_state_dict(state, strict=True)
-        scores = {s.key: evaluation.score(sk["model"], s, cfg.task, batch_size=cfg.eval_batch_size, device=sk["device"],
-                                          autocast_dtype=sk["autocast"]) for s in sk["sets"]}
-        rows = _cross_rows(cfg, it, scores, source_lang)
+        rows = _cross_rows(cfg, it, score(state, sk["sets"]), source_lang)
         store.add(it.key, rows, flush=True)
         stats["evaluations"] += 1
         stats["eval_seconds"] += time.perf_counter() - t0
-        if it.kind == "average" and it.r == 1:
-            _check_r1(it, rows, paths[it.members[0]], source_lang, own_scores)
+        if it.kind == "average" and it.r == 1 and it.spec.method == "uniform":
+            _check_r1(it, rows, plan.paths[it.members[0]], source_lang, own_scores)
+        it.status = "evaluated"
 
     def save(it: _Item, state: dict[str, torch.Tensor]) -> None:
         if keep_checkpoints and not ckpt_path(it).is_file():
             info = averaging.checkpoint_info(it.paths[0])
             meta = {averaging.FINGERPRINT_KEY: info.fingerprint or "",
-                    averaging.AVERAGE_METHOD_KEY: "running_mean" if it.kind == "average" else "uniform_soup",
+                    averaging.AVERAGE_METHOD_KEY: ("running_mean" if it.spec.method == "uniform" else it.method)
+                    if it.kind == "average" else "uniform_soup",
                     averaging.AVERAGE_INPUTS_KEY: json.dumps([str(p) for p in it.paths]),
                     "ofa_content_key": json.dumps(it.key), "ofa_members": it.members_str}
             averaging.save_checkpoint(state, ckpt_path(it), metadata=meta)
@@ -467,68 +617,146 @@ def average_runs(
     def needs_weights(it: _Item) -> bool:
         return it.status == "evaluate" or (keep_checkpoints and not ckpt_path(it).is_file())
 
-    bar = tqdm(total=len(items), desc=f"average {cfg.task}", disable=not progress)
+    def finish(it: _Item, state: dict[str, torch.Tensor]) -> None:
+        save(it, state)
+        if it.status == "evaluate":
+            evaluate(it, state)
+
+    greedy = _Greedy(plan, store, stats, score, model_and_sets)
+    bar = tqdm(total=len(plan.items), desc=f"average {cfg.task}", disable=not progress)
     groups: dict[tuple, list[_Item]] = defaultdict(list)
-    for it in items:
-        groups[(it.kind, it.sampling, it.variant if it.kind == "average" else f"r{it.r}")].append(it)
-    for (kind, _, _), group in groups.items():
+    for it in plan.items:
+        groups[(it.kind, it.sampling, it.method, it.variant if it.kind == "average" else f"r{it.r}")].append(it)
+    for group in groups.values():
         for it in group:  # decided now, so that what earlier groups evaluated is reused
-            it.status = status(it)
+            it.status = cache_status(store, it, plan.expected)
             if it.status == "stored":
                 stats["already_stored"] += 1
             elif it.status == "reused":
-                rows = store.by_key[it.key].copy()
-                rows["name"] = it.name
-                rows["run_id"] = it.name
-                rows["members"] = it.members_str
-                store.add(it.key, rows, flush=False)
+                reuse_rows(store, it, store.by_key[it.key])
                 stats["reused"] += 1
         todo = [it for it in group if needs_weights(it)]
-        if todo and kind == "average":
+        spec = group[0].spec
+        if not todo:
+            pass
+        elif group[0].kind == "soup":
+            for it in todo:
+                stats["checkpoint_reads"] += len(it.paths)
+                finish(it, averaging.uniform_soup(it.paths))
+        elif spec.info.needs_scores:  # greedy soup: English-dev trials, then a uniform mean of the kept runs
+            for it in todo:
+                greedy.run(it, finish, needs_weights)
+        elif spec.info.incremental:  # θ̄_1 … θ̄_r streamed, each checkpoint read once
             last_r = max(it.r for it in todo)
             by_r = {it.r: it for it in group}
-            stream = averaging.running_average(by_r[last_r].paths, dtype=torch.float32)
+            stream = merging.incremental_states(spec, by_r[last_r].paths, base=base() if spec.info.needs_base else None)
             for r, state in enumerate(stream, start=1):
                 stats["checkpoint_reads"] += 1
-                it = by_r[r]
-                if needs_weights(it):
-                    save(it, state)
-                    if it.status == "evaluate":
-                        evaluate(it, state)
-                        it.status = "evaluated"
+                if needs_weights(by_r[r]):
+                    finish(by_r[r], state)
                 if r == last_r:
                     break
-        elif todo:
+        else:  # all r inputs per tensor, in row blocks
             for it in todo:
-                state = averaging.uniform_soup(it.paths)
                 stats["checkpoint_reads"] += len(it.paths)
-                save(it, state)
-                if it.status == "evaluate":
-                    evaluate(it, state)
-                    it.status = "evaluated"
+                finish(it, merging.merge_files(spec, it.paths, base=base() if spec.info.needs_base else None))
         store.flush()
         bar.update(len(group))
         bar.set_postfix(evaluated=stats["evaluations"], cached=stats["reused"] + stats["already_stored"])
     bar.close()
     store.flush()
     stats["avoided"] = stats["reused"] + stats["already_stored"]
-    stats["seconds"] = round(time.perf_counter() - t_start, 2)
     stats["eval_seconds"] = round(stats["eval_seconds"], 2)
-    print(f"average_runs: {stats['evaluations']} evaluation(s), {stats['avoided']} avoided "
-          f"({stats['reused']} reused by content, {stats['already_stored']} already stored), "
-          f"{stats['checkpoint_reads']} checkpoint read(s), {stats['seconds']:.1f} s")
-    names = {it.name for it in items}
-    out = R.read(results_path) if Path(results_path).exists() else R.empty_frame()
-    out = out[(out["task"] == cfg.task) & (out["model"] == cfg.model_name) & out["name"].isin(names)
-              & out["kind"].isin(["average", "soup"])].reset_index(drop=True)
-    out.attrs["stats"] = stats
-    return out
+    return stats
+
+
+def _write_base(prep: "training.Prepared", path: Path, plan: CrossRunPlan) -> None:
+    """Write θ₀ (the prepared, not yet trained model: pretrained encoder, trimmed vocabulary, the
+    run's head) in fp32, after checking its head is the runs' (same fingerprint)."""
+    if path.is_file():
+        return
+    fps = {_manifest(p).get("head_fingerprint") for p in plan.paths.values()}
+    if fps != {prep.head_fingerprint}:
+        raise IncompatibleRunsError(f"θ₀ built from the first run's config has head fingerprint {prep.head_fingerprint}, "
+                                    f"the runs {sorted(map(str, fps))}: refusing to merge task vectors")
+    averaging.save_checkpoint({k: v.detach() for k, v in prep.model.state_dict().items()}, path, dtype=torch.float32,
+                              metadata={averaging.FINGERPRINT_KEY: prep.head_fingerprint, "ofa_base": "theta0"})
+
+
+class _Greedy:
+    """Greedy soups (Wortsman et al. 2022) in the pass: the r candidates sorted by their English
+    dev score (ties: run id, so the soup depends only on the set), each added when the English dev
+    score of the uniform soup does not drop. A soup's dev score comes from the store (any uniform
+    average of the same set was scored on English dev) or is evaluated on English dev only."""
+
+    def __init__(self, plan: CrossRunPlan, store: _Store, stats: dict, score, model_and_sets) -> None:
+        self.plan, self.store, self.stats, self.score, self.model_and_sets = plan, store, stats, score, model_and_sets
+        self.dev_cache: dict[tuple, float] = {}
+        cfg = plan.cfg
+        dataset, _, split = cfg.dev_sets()[0]
+        primary = metrics.PRIMARY_METRIC[cfg.task]
+        self.dev_row = (dataset, split, R.SOURCE_LANG, STORE_METRIC.get(primary, primary))
+        self.primary = primary
+        own = collect_run_metrics(pd.DataFrame({"path": [str(p) for p in plan.paths.values()]}))
+        own = own[(own["kind"] == "variant") & (own["split"] == split) & (own["lang"] == R.SOURCE_LANG)
+                  & (own["dataset"] == dataset) & (own["metric"] == self.dev_row[3])]
+        self.own_dev = {(r, v): float(x) for r, v, x in zip(own["run_id"], own["name"], own["value"])}
+
+    def dev_score(self, variant: str, members: list[str]) -> float:
+        key = average_key(variant, members)
+        if key in self.dev_cache:
+            return self.dev_cache[key]
+        rows = self.store.by_key.get(key)
+        if rows is not None:
+            hit = rows[[tuple(x) == self.dev_row for x in zip(rows["dataset"], rows["split"], rows["lang"], rows["metric"])]]
+            if len(hit):
+                self.dev_cache[key] = float(hit["value"].iloc[0])
+                return self.dev_cache[key]
+        paths = [self.plan.paths[m] / "checkpoints" / f"{variant}.safetensors" for m in members]
+        state = averaging.average_checkpoints(paths, dtype=torch.float32)
+        self.stats["checkpoint_reads"] += len(paths)
+        t0 = time.perf_counter()
+        dev_set = self.model_and_sets()["sets"][0]
+        self.dev_cache[key] = float(self.score(state, [dev_set])[dev_set.key][self.primary])
+        self.stats["dev_evaluations"] += 1
+        self.stats["eval_seconds"] += time.perf_counter() - t0
+        return self.dev_cache[key]
+
+    def kept(self, variant: str, candidates: list[str]) -> list[str]:
+        missing = [c for c in candidates if (c, variant) not in self.own_dev]
+        if missing:
+            raise ValueError(f"greedy_soup: no English dev score of the {variant} weights of run(s) {missing}")
+        order = sorted(candidates, key=lambda c: (-self.own_dev[(c, variant)], c))
+        soup, best = [order[0]], self.dev_score(variant, [order[0]])
+        for c in order[1:]:
+            score = self.dev_score(variant, soup + [c])
+            if score >= best:
+                soup, best = soup + [c], score
+        return soup
+
+    def run(self, it: _Item, finish, needs_weights) -> None:
+        """Choose ``it``'s soup; reuse the scores of the uniform mean of the kept runs when the store
+        has them, else compute that mean (streamed) and hand it to ``finish``."""
+        soup = self.kept(it.variant, it.members)
+        print(f"greedy_soup {it.name}: kept {len(soup)} of {it.r}: {','.join(soup)}")
+        rows = self.store.by_key.get(average_key(it.variant, soup))
+        if it.status == "evaluate" and rows is not None and _complete(rows, self.plan.expected):
+            reuse_rows(self.store, it, rows, flush=True)
+            self.stats["reused"] += 1
+            it.status = "reused"
+        if not needs_weights(it):
+            return
+        paths = [self.plan.paths[m] / "checkpoints" / f"{it.variant}.safetensors" for m in soup]
+        state = None
+        for state in averaging.running_average(paths, dtype=torch.float32):
+            self.stats["checkpoint_reads"] += 1
+        finish(it, state)
 
 
 def _stale_names(store: _Store, runs: pd.DataFrame, r_eff: int, orders: dict[int, list[str]]) -> list[str]:
     """Stored cross-run names whose members are not the first r runs of this pool's sampling s."""
     stale = []
-    for name, (members, _) in store.by_name.items():
+    for (_, name), (members, _) in store.by_name.items():
         try:
             _, _, r, s = R.parse_cross_name(name)
         except ValueError:
@@ -540,13 +768,14 @@ def _stale_names(store: _Store, runs: pd.DataFrame, r_eff: int, orders: dict[int
             orders[s] = S.sample_runs(runs, r_eff, seed=s)
         if R.members_list(members) != orders[s][:r]:
             stale.append(name)
-    return sorted(stale)
+    return sorted(set(stale))
 
 
 def _cross_rows(cfg: TrainConfig, it: _Item, scores, source_lang: str) -> pd.DataFrame:
     rows = pd.DataFrame(training.tidy_rows(cfg, it.kind, it.name, scores, step=0, epoch=0.0))
     rows["run_id"] = it.name
     rows["members"] = it.members_str
+    rows["method"] = it.method
     rows["lr"] = math.nan
     rows["epoch"] = math.nan
     for c in ("batch_size", "seed", "step"):

@@ -250,6 +250,13 @@ def load_grid(grid: str | Path) -> Grid:
         for key in raw.get("parameters") or {}:
             if key not in declared:
                 raise _err(path, f"pipeline[{i}].parameters.{key}", f"{raw['notebook']} has no such parameter; known: {sorted(declared)}")
+        if "methods" in (raw.get("parameters") or {}):  # merge methods: checked now, not after training
+            from . import merging  # (imports torch: only for grids that name merge methods)
+
+            try:
+                merging.parse_methods(raw["parameters"]["methods"])
+            except merging.MergeSpecError as err:
+                raise GridError(f"{path}: field pipeline[{i}].parameters.{err}") from None  # err names methods.<...>
         steps.append(Step(raw["notebook"], dict(raw.get("parameters") or {}), raw.get("html")))
 
     resources = spec.get("resources") or {}

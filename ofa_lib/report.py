@@ -255,6 +255,110 @@ def per_language_gain(
 
 
 # --------------------------------------------------------------------------------------
+# merge methods
+# --------------------------------------------------------------------------------------
+
+MERGE_FILE = "merge_methods.csv"
+
+
+def merge_methods(data: dict[str, TaskData], sampling_seeds="all") -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(per-sampling scores, :func:`ofa_lib.selection.merge_table`) of every task whose store holds
+    merges (:func:`ofa_lib.selection.merge_per_sampling`); both empty for the released results."""
+    frames = [S.merge_per_sampling(d.tidy, d.task, d.cross.model, sampling_seeds) for d in data.values()
+              if d.cross.origin != "released"]
+    frames = [f for f in frames if len(f)]
+    ps = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=S.PER_SAMPLING_COLUMNS)
+    return ps, S.merge_table(ps)
+
+
+def wide_merge_table(mt: pd.DataFrame) -> pd.DataFrame:
+    """Rows (task, variant, r), columns the selections and merge methods, cells "mean ± std"."""
+    if mt.empty:
+        return pd.DataFrame()
+    d = mt.assign(cell=_pm(mt["mean"], mt["std"]))
+    wide = d.pivot_table(index=["task", "variant", "r"], columns="method", values="cell", aggfunc="first", sort=False)
+    return wide[list(dict.fromkeys(mt["method"]))]
+
+
+def merge_sentence(mt: pd.DataFrame) -> str:
+    """Which merge method is best at the largest r (any variant), by how much over the uniform
+    mean and over Max SRC-DEV of that variant, with the spread over samplings."""
+    if mt.empty:
+        return "No merge rows in the results (run 03_average with `methods`)."
+    out = []
+    for task, t in mt.groupby("task", sort=False):
+        r = int(t["r"].max())
+        at = t[t["r"] == r]
+        merges = at[~at["method"].isin(["max_src_dev", "max_trg_dev"])]
+        if merges.empty:
+            continue
+        best = merges.sort_values("mean", ascending=False, kind="stable").iloc[0]
+        same = at[at["variant"] == best["variant"]].set_index("method")
+
+        def cell(row) -> str:
+            return f"{row['mean']:.1f} ± {0 if pd.isna(row['std']) else row['std']:.1f}"
+
+        parts = [f"{TASK_LABEL.get(task, task)}, r = {r}: the best merge is **{best['method']}** on "
+                 f"{VARIANT_LABEL.get(best['variant'], best['variant'])} weights, {cell(best)} "
+                 f"(mean ± std over {int(best['n'])} samplings)"]
+        for ref, label in ((R.UNIFORM, "the uniform mean"), ("max_src_dev", "Max. SRC-DEV")):
+            if ref in same.index and ref != best["method"]:
+                gap = best["mean"] - same.loc[ref, "mean"]
+                spread = max(float(np.nan_to_num(best["std"])), float(np.nan_to_num(same.loc[ref, "std"])))
+                note = " (within one standard deviation)" if abs(gap) <= spread else ""
+                parts.append(f"{gap:+.1f} over {label} ({cell(same.loc[ref])}){note}")
+        if "max_trg_dev" in same.index:
+            parts.append(f"Max. TRG-DEV (oracle) {cell(same.loc['max_trg_dev'])}")
+        others = merges[merges["variant"] == best["variant"]].sort_values("mean", ascending=False)
+        if len(others) > 1:
+            parts.append("ranking on these weights: " + " > ".join(f"{m} {v:.1f}" for m, v in zip(others["method"], others["mean"])))
+        out.append("; ".join(parts) + ".")
+    return " ".join(out) or "No merge rows in the results."
+
+
+def fig_merge_methods(mt: pd.DataFrame):
+    """Columns: variants (rows: tasks). Target test score against r per merge method (mean ± std
+    band over samplings), with Max. SRC-DEV (dashed) and Max. TRG-DEV (dotted)."""
+    plt = _plt()
+    tasks = list(dict.fromkeys(mt["task"]))
+    variants = list(dict.fromkeys(mt["variant"]))
+    fig, axes = plt.subplots(len(tasks), len(variants), figsize=(3.8 * len(variants), 2.9 * len(tasks)),
+                             squeeze=False, sharex=True)
+    methods = list(dict.fromkeys(mt["method"]))
+    colours = plt.get_cmap("tab10")
+    for i, task in enumerate(tasks):
+        for j, v in enumerate(variants):
+            ax = axes[i, j]
+            for k, m in enumerate(methods):
+                d = mt[(mt["task"] == task) & (mt["variant"] == v) & (mt["method"] == m)].sort_values("r")
+                if d.empty:
+                    continue
+                st = {"max_src_dev": dict(color="#444444", ls="--", label="Max. SRC-DEV"),
+                      "max_trg_dev": dict(color="#999999", ls=":", label="Max. TRG-DEV (oracle)")}.get(
+                    m, dict(color=colours(k % 10), marker="o", ms=3, label=m))
+                ax.plot(d["r"], d["mean"], lw=1.4, **st)
+                sd = d["std"].fillna(0)
+                if m not in ("max_src_dev", "max_trg_dev"):
+                    ax.fill_between(d["r"], d["mean"] - sd, d["mean"] + sd, color=st["color"], alpha=0.1, lw=0)
+            ax.set_title(f"{TASK_LABEL.get(task, task)} – {VARIANT_LABEL.get(v, v)}")
+            ax.grid(alpha=0.3)
+            if j == 0:
+                ax.set_ylabel("target test score (×100)")
+            if i == len(tasks) - 1:
+                ax.set_xlabel("r (runs)")
+            ax.set_xticks(range(1, int(mt["r"].max()) + 1))
+    handles, labels = [], []
+    for ax in axes.flat:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in labels:
+                handles.append(h)
+                labels.append(lab)
+    fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), frameon=False, bbox_to_anchor=(0.5, -0.06))
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    return fig
+
+
+# --------------------------------------------------------------------------------------
 # figures
 # --------------------------------------------------------------------------------------
 

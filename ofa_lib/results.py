@@ -29,19 +29,24 @@ epoch       float64   epoch of a snapshot (NaN otherwise)
 members     str       ordered member run ids of a cross-run row joined by ``","`` (``""``
                       otherwise); run ids must therefore not contain commas.
                       :func:`members_list` splits it back.
+method      str       the merge method of an ``average``/``soup`` row, as the label of
+                      :class:`ofa_lib.merging.MergeSpec` (``uniform``, ``ties(density=0.2,
+                      lambda=1.0)``, ...); ``""`` on other rows. Stores written before the
+                      column existed read as ``uniform`` on their average and soup rows.
 ==========  ========  =====================================================================
 
 ``members`` is a plain comma-joined string (not a list column) so that rows stay hashable
 (de-duplication) and Parquet files stay trivially readable by any tool.
 
 Rows are identified by :data:`KEY` (run_id, task, model, kind, name, dataset, split, lang,
-metric); :func:`append` keeps the newest row per key.
+metric, method); :func:`append` keeps the newest row per key.
 
 Cross-run names (the contract with the averaging notebook)
 ----------------------------------------------------------
-``kind="average"``: ``acc_avg:<variant>:r=<r>:sampling=<s>`` -- the uniform average of the
-first ``r`` runs' ``<variant>`` weights (variant in last/src_dev/ca) of sampling ``s``;
-``members`` = those ``r`` run ids in sampling order.
+``kind="average"``: ``acc_avg:<variant>:r=<r>:sampling=<s>`` -- the merge (``method``; the
+paper's uniform average when ``method == "uniform"``) of the first ``r`` runs' ``<variant>``
+weights (variant in last/src_dev/ca) of sampling ``s``; ``members`` = those ``r`` run ids in
+sampling order.
 ``kind="soup"``: ``soup:top<k>:r=<r>:sampling=<s>`` -- uniform average of the ``k`` snapshots
 with the best source dev among the first ``r`` sampled runs; ``members`` = the ``r`` runs.
 ``kind="selection"``: ``<max_src_dev|max_trg_dev>:<variant>:r=<r>:sampling=<s>`` -- the
@@ -85,8 +90,11 @@ SCHEMA: dict[str, str] = {
     "step": "Int64",
     "epoch": "float64",
     "members": "str",
+    "method": "str",
 }
-KEY: list[str] = ["run_id", "task", "model", "kind", "name", "dataset", "split", "lang", "metric"]
+KEY: list[str] = ["run_id", "task", "model", "kind", "name", "dataset", "split", "lang", "metric", "method"]
+CROSS_KINDS = ("average", "soup")
+UNIFORM = "uniform"  # the method of every average and soup row written before the column existed
 KINDS = ("snapshot", "variant", "average", "soup", "selection")
 VARIANTS = ("last", "src_dev", "ca", "trg_dev")
 SPLITS = ("validation", "test")
@@ -173,12 +181,17 @@ def validate(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def conform(df: pd.DataFrame) -> pd.DataFrame:
-    """Add absent optional columns (lr, batch_size, seed, step, epoch, members), cast every
-    column to the schema dtype, order columns, then :func:`validate`."""
+    """Add absent optional columns (lr, batch_size, seed, step, epoch, members, method), cast
+    every column to the schema dtype, order columns, then :func:`validate`. A missing ``method``
+    is ``uniform`` on average and soup rows (the only rule before the column) and ``""`` else."""
     df = df.copy()
     for c, default in _OPTIONAL_DEFAULTS.items():
         if c not in df.columns:
             df[c] = default
+    if "kind" in df.columns:
+        cross = df["kind"].isin(CROSS_KINDS)
+        method = df["method"] if "method" in df.columns else pd.Series(pd.NA, index=df.index, dtype=object)
+        df["method"] = method.where(method.notna() & (method != "") | ~cross, UNIFORM).fillna("")
     missing = [c for c in SCHEMA if c not in df.columns]
     extra = [c for c in df.columns if c not in SCHEMA]
     if missing or extra:

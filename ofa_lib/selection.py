@@ -229,31 +229,39 @@ def averages_from_tidy(
     model: str,
     source_lang: str = R.SOURCE_LANG,
     metric: str | None = None,
+    merge: str | None = R.UNIFORM,
 ) -> pd.DataFrame:
     """``kind in {average, soup}`` test rows -> one row per cross-run name with the flat
-    mean over target languages (or the ``lang="*"`` row) as ``score``."""
+    mean over target languages (or the ``lang="*"`` row) as ``score``.
+
+    ``merge``: the merge method (store ``method`` label) to keep, default the uniform mean the
+    paper's tables are about; None keeps every method and adds a ``merge`` column."""
     metric = metric or R.TASK_METRIC.get(task)
     d = tidy[(tidy["task"] == task) & (tidy["model"] == model)
              & tidy["kind"].isin(["average", "soup"]) & (tidy["split"] == "test")]
+    if merge is not None:
+        d = d[d["method"] == merge]
     if metric is not None:
         d = d[d["metric"] == metric]
+    columns = _AVG_COLUMNS + ([] if merge is not None else ["merge"])
     if d.empty:
-        return pd.DataFrame(columns=_AVG_COLUMNS)
+        return pd.DataFrame(columns=columns)
     per_lang = d[(d["lang"] != source_lang) & (d["lang"] != R.ALL)]
     agg = d[d["lang"] == R.ALL]
-    score = per_lang.groupby("name")["value"].mean().combine_first(
-        agg.groupby("name")["value"].mean())
-    members = d.groupby("name")["members"].first()
+    by = ["method", "name"]
+    score = per_lang.groupby(by)["value"].mean().combine_first(agg.groupby(by)["value"].mean())
+    members = d.groupby(by)["members"].first()
     rows = []
-    for name, sc in score.items():
+    for (label, name), sc in score.items():
         method, variant, r, s = R.parse_cross_name(name)
-        ids = tuple(R.members_list(members.loc[name]))
+        ids = tuple(R.members_list(members.loc[(label, name)]))
         if len(ids) != r:
             raise ValueError(f"{name}: members has {len(ids)} run ids, expected r={r}")
         rows.append({"method": method, "variant": variant, "sampling": s, "r": r,
-                     "ids": ids, "score": float(sc)})
-    out = pd.DataFrame(rows, columns=_AVG_COLUMNS)
-    return out.sort_values(["method", "variant", "sampling", "r"]).reset_index(drop=True)
+                     "ids": ids, "score": float(sc), "merge": label})
+    out = pd.DataFrame(rows, columns=columns)
+    return out.sort_values(["method", "variant", "sampling", "r"] + ([] if merge is not None else ["merge"])
+                           ).reset_index(drop=True)
 
 
 # --------------------------------------------------------------------------------------
@@ -426,3 +434,56 @@ def selection_rows(ps: pd.DataFrame, model: str) -> pd.DataFrame:
         "members": [R.join_members(i) for i in sel["ids"]],
     })
     return R.conform(out)
+
+
+# --------------------------------------------------------------------------------------
+# merge methods (03_average's ``methods``) against selection
+# --------------------------------------------------------------------------------------
+
+MERGE_COLUMNS = ["task", "variant", "r", "method", "mean", "std", "n"]
+
+
+def merge_per_sampling(
+    tidy: pd.DataFrame,
+    task: str,
+    model: str | None = None,
+    sampling_seeds: str | Iterable[int] = "all",
+) -> pd.DataFrame:
+    """Per (sampling, r, variant): the test score of every merge method of the first r runs
+    (``method`` = its store label, e.g. ``uniform``, ``ties(density=0.2,lambda=1.0)``) and of
+    Max SRC-DEV (same variant) and Max TRG-DEV (the oracle, variant ``trg_dev``) over the same
+    candidates. Columns of :func:`per_sampling`; empty when no average rows are stored."""
+    data = CrossRunData.from_tidy(tidy, task, model)
+    merges = averages_from_tidy(tidy, task, data.model, merge=None)
+    merges = merges[merges["method"] == "acc_avg"]
+    if merges.empty:
+        return pd.DataFrame(columns=PER_SAMPLING_COLUMNS)
+    # the candidates of (variant, sampling, r) are the members of any method's merge (the same runs)
+    data.samplings = merges.drop_duplicates(["variant", "sampling", "r"])[["variant", "sampling", "r", "ids"]]
+    data.averages = pd.DataFrame(columns=_AVG_COLUMNS)
+    variants = [v for v in TABLE1_VARIANTS if v in set(merges["variant"])]
+    ps = per_sampling(data, sampling_seeds, variants=variants)
+    seeds = set(ps["sampling"]) if len(ps) else set(resolve_sampling_seeds(sampling_seeds, data.sampling_seeds))
+    merges = merges[merges["sampling"].isin(seeds)]
+    rows = pd.DataFrame({"task": task, "sampling": merges["sampling"].astype(int), "r": merges["r"].astype(int),
+                         "method": merges["merge"], "variant": merges["variant"], "run_id": "",
+                         "ids": merges["ids"], "score": merges["score"].astype(float)})
+    out = pd.concat([ps, rows], ignore_index=True)
+    return out.sort_values(["variant", "r", "method", "sampling"], kind="stable").reset_index(drop=True)
+
+
+def merge_table(ps: pd.DataFrame) -> pd.DataFrame:
+    """:func:`merge_per_sampling` aggregated: mean and std (ddof=1) over samplings, x100, one
+    decimal, per (task, variant, r, method); columns :data:`MERGE_COLUMNS`. Max TRG-DEV rows
+    (variant ``trg_dev``) are repeated under each variant, so every variant's rows compare the
+    methods with both selections."""
+    if ps.empty:
+        return pd.DataFrame(columns=MERGE_COLUMNS)
+    variants = [v for v in TABLE1_VARIANTS if v in set(ps["variant"])]
+    trg = ps[ps["method"] == "max_trg_dev"]
+    parts = [ps[ps["method"] != "max_trg_dev"]] + [trg.assign(variant=v) for v in variants]
+    out = _aggregate(pd.concat(parts, ignore_index=True), ["task", "variant", "r", "method"])
+    first = ["max_src_dev", "max_trg_dev", R.UNIFORM]
+    methods = first + sorted(set(out["method"]) - set(first))
+    return _sort(out, ["task", "variant", "r", "method"], {"variant": variants, "method": methods,
+                                                           "task": _task_order(out)})[MERGE_COLUMNS]

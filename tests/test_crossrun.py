@@ -246,3 +246,49 @@ def test_notebooks_03_then_04(averaged, tmp_path):
     assert set(t1["selection"]) == {"max_src_dev", "acc_avg"} and sorted(set(t1["r"])) == [1, 2, 3]
     t2 = pd.read_csv(tmp_path / "ours" / "table2.csv")
     assert {"max_src_dev", "max_trg_dev", "acc_avg_ca"} <= set(t2["method"])
+
+
+def test_merge_methods_in_the_pass(averaged, tmp_path):
+    """An old store (no method column) keeps its uniform rows as cache hits; each method's rows carry
+    its label; TIES keeping everything at r = 1 scores like the run itself; greedy soups are uniform
+    means of the runs they keep; nothing is evaluated twice."""
+    runs, store, _ = averaged
+    old = tmp_path / "old.parquet"
+    pd.read_parquet(store).drop(columns=["method"]).to_parquet(old)  # as written before the column existed
+    methods = {"uniform": None, "task_arithmetic": {"lambda": 0.5}, "ties": {"density": 1.0, "lambda": 1.0},
+               "dare_ties": {"density": 0.5}, "greedy_soup": None}
+    kw = dict(variants=("ca",), r_max=3, samplings=[0, 1], soup_k=0, methods=methods, results_path=old,
+              averages_dir=tmp_path / "averages", progress=False)
+    rows = crossrun.average_runs(runs, **kw)
+    stats = rows.attrs["stats"]
+    labels = set(rows["method"])
+    assert {lab.split("(")[0] for lab in labels} == set(methods) and "ties(density=1.0,lambda=1.0)" in labels
+    uni = rows[rows["method"] == "uniform"]
+    assert set(uni["name"]) == {R.cross_name("acc_avg", "ca", r, s) for r in (1, 2, 3) for s in (0, 1)}
+    assert stats["already_stored"] == 6  # every uniform row of the old store: a hit, not re-evaluated
+    assert len(list((tmp_path / "averages").glob("base-*.safetensors"))) == 1  # θ₀, written once
+
+    def scores(method, name):
+        d = rows[(rows["method"] == method) & (rows["name"] == name)]
+        return d.set_index(KEY)["value"].sort_index()
+
+    r1 = R.cross_name("acc_avg", "ca", 1, 0)
+    pd.testing.assert_series_equal(scores("ties(density=1.0,lambda=1.0)", r1), scores("uniform", r1))
+    for s in (0, 1):  # the two samplings start with different runs: content keys differ, rows differ
+        assert rows[(rows["method"] == "dare_ties(density=0.5,lambda=1.0,seed=0)")
+                    & (rows["name"] == R.cross_name("acc_avg", "ca", 1, s))]["members"].nunique() == 1
+    greedy = rows[rows["method"] == "greedy_soup"]
+    assert set(greedy["name"]) == set(uni["name"])
+    g1 = R.cross_name("acc_avg", "ca", 1, 1)
+    pd.testing.assert_series_equal(scores("greedy_soup", g1), scores("uniform", g1))  # one candidate: itself
+    # distinct sets of weights evaluated once: a second pass evaluates nothing
+    again = crossrun.average_runs(runs, **kw)
+    assert again.attrs["stats"]["evaluations"] == 0 and again.attrs["stats"]["dev_evaluations"] == 0
+    assert again.attrs["stats"]["already_stored"] == len({(m, n) for m, n in zip(rows["method"], rows["name"])})
+    # what 04_analysis reads: the merge table against the selections, and only uniform in Tables 1-2
+    ps = S.merge_per_sampling(R.read(old), "sib")
+    table = S.merge_table(ps)
+    assert {"max_src_dev", "max_trg_dev", "uniform", "greedy_soup"} <= set(table["method"])
+    assert set(S.CrossRunData.from_tidy(R.read(old), "sib").averages["variant"]) == {"last", "ca", "top4"}
+    with pytest.raises(ValueError, match="method_variants"):
+        crossrun.average_runs(runs, **dict(kw, method_variants=["last"]))

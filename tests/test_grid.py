@@ -51,6 +51,10 @@ def write_grid(tmp_path: Path, **changes) -> Path:
     (dict(grid=[{"lr": [1e-4]}, {"lrr": [1e-4]}]), r"field grid\[1\].lrr: not a 02_train parameter"),
     (dict(grid=[{"lr": [1e-4, 3e-4]}, {"lr": [1e-4]}]), r"field grid: points .* give the same run"),
     (dict(grid=[]), r"field grid: expected a non-empty"),
+    (dict(pipeline=[{"notebook": "03_average.ipynb", "parameters": {"methods": ["uniform", "tie"]}}]),
+     r"pipeline\[0\].parameters.methods: unknown merge method 'tie'"),
+    (dict(pipeline=[{"notebook": "03_average.ipynb", "parameters": {"methods": {"ties": {"density": 2}}}}]),
+     r"pipeline\[0\].parameters.methods.ties.density: expected 0 < density <= 1"),
 ])
 def test_invalid_grids_name_the_field(tmp_path, changes, match):
     path = write_grid(tmp_path, **changes)
@@ -220,6 +224,17 @@ def test_local_grid_killed_with_sigkill_resumes_to_the_same_report(tmp_outputs):
     html = (grid.reports_dir / "report.html").read_text()
     assert "Table 1" in html and "<script src=" not in html
     assert (grid.reports_dir / "table1.csv").is_file()
+    # the smoke grid's 03_average merges with 5 methods: rows for each, and 04's merge-methods table
+    from ofa_lib import results
+
+    store = results.read(grid.results_path)
+    merged = store[store["kind"] == "average"]
+    assert {m.split("(")[0] for m in merged["method"]} == {"uniform", "task_arithmetic", "ties", "dare_ties", "greedy_soup"}
+    import pandas as pd
+
+    table = pd.read_csv(grid.reports_dir / "merge_methods.csv")
+    assert len({m for m in table["method"] if not m.startswith("max_")}) >= 4
+    assert {"max_src_dev", "max_trg_dev"} <= set(table["method"]) and (grid.reports_dir / "merge_methods.png").is_file()
     summary = json.loads((grid.reports_dir / "grid_summary.json").read_text())
     assert summary["runs"] == 3 and summary["invocations"][-1]["trained"] == 2
     plan = subprocess.run([sys.executable, "-m", "ofa_lib.grid", "status", "smoke"], env=env, cwd=REPO_ROOT,

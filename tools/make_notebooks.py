@@ -205,6 +205,9 @@ def average_notebook() -> nbformat.NotebookNode:
             "r_max = 10                   # capped at the number of (lr, batch) configurations\n"
             "n_samplings = 10             # sampling seeds 0 .. n_samplings-1\n"
             "soup_k = 5                   # snapshots per soup, 0 for none; runs need top_k above 0\n"
+            "methods = [\"uniform\"]         # merge methods (ofa_lib.merging): names, or a mapping name -> options,\n"
+            "                             # e.g. {\"uniform\": {}, \"ties\": {\"density\": 0.2, \"lambda\": 1.0}}\n"
+            "method_variants = None       # variants the methods other than uniform merge (None: all of `variants`)\n"
             "keep_checkpoints = False     # write the averaged weights under <runs_root>/../averages/\n"
             "device = None                # default: cuda if available else cpu\n"
             "threads = None               # torch CPU threads\n",
@@ -219,7 +222,10 @@ def average_notebook() -> nbformat.NotebookNode:
             "the results store for the same members (in any order, under any sampling) are reused, so a re-run or an "
             "interrupted pass costs only what is missing.\n\n"
             "Run headless: `papermill notebooks/03_average.ipynb out.ipynb -p task sib`; then "
-            "`notebooks/04_analysis.ipynb` with `source` = the results file."),
+            "`notebooks/04_analysis.ipynb` with `source` = the results file.\n\n"
+            "`methods` adds other merge rules of the same runs (`ofa_lib.merging`: uniform, task_arithmetic, ties, "
+            "dare_linear, dare_ties, greedy_soup), each row tagged with the method and its options in the store's "
+            "`method` column."),
         new_code_cell(
             "import pandas as pd\n"
             "import torch\n"
@@ -235,8 +241,8 @@ def average_notebook() -> nbformat.NotebookNode:
         new_markdown_cell("## Accumulative averages and soups (evaluated once each; appended as they are scored)"),
         new_code_cell(
             "rows = crossrun.average_runs(runs, variants=variants, r_max=r_max, samplings=range(n_samplings),\n"
-            "                             soup_k=soup_k, results_path=results_path, keep_checkpoints=keep_checkpoints,\n"
-            "                             device=device)"),
+            "                             soup_k=soup_k, methods=methods, method_variants=method_variants,\n"
+            "                             results_path=results_path, keep_checkpoints=keep_checkpoints, device=device)"),
         new_markdown_cell("## Evaluations done and avoided"),
         new_code_cell("pd.Series(rows.attrs[\"stats\"], dtype=object).to_frame(\"count / seconds\")"),
         new_markdown_cell(
@@ -244,6 +250,139 @@ def average_notebook() -> nbformat.NotebookNode:
             "Target test score (flat mean over target languages, ×100), mean ± std over samplings. Full tables and "
             "figures: `notebooks/04_analysis.ipynb` with `source` = the results file."),
         new_code_cell("crossrun.summary_by_r(results_path, task, soup_k=soup_k)"),
+    ]
+    return new_notebook(cells=cells, metadata=KERNEL)
+
+
+def analysis_notebook() -> nbformat.NotebookNode:
+    cells = [
+        new_code_cell(
+            '# Parameters: papermill overrides them (see params/reproduce_paper.yaml).\n'
+            '# source: "released" (the authors\' released results) or a tidy results parquet file or folder\n'
+            'source = "released"\n'
+            'model = "xlm-roberta-large"\n'
+            'tasks = ["nli", "tydiqa", "ner"]\n'
+            '# sampling_seeds: "authors" (all but seed 1, as the authors\' script), "all", or a list of seeds\n'
+            'sampling_seeds = "authors"\n'
+            '# tables and figures go to <outputs_root>/<report_name>/\n'
+            'report_name = "paper"\n'
+            '# outputs_root: None means outputs/reports of the repository; a relative path starts in notebooks/\n'
+            'outputs_root = None\n'
+            '# data_dir: None means OFA_DATA_DIR or ../shared/data\n'
+            'data_dir = None\n'
+            '# r of the per-language gain heatmap\n'
+            'gain_r = 10\n'
+            '# description: a paragraph shown at the top of the report (e.g. what a demo grid scaled down)\n'
+            'description = None\n', metadata={"tags": ["parameters"]}),
+        new_markdown_cell(
+            '# One For All & All For One — cross-run analysis\n'
+            '\n'
+            'Reproduces the run-by-run analysis of *One For All & All For One: Bypassing Hyperparameter\n'
+            'Tuning with Model Averaging for Cross-Lingual Transfer* (Schmidt et al., EMNLP Findings 2023,\n'
+            'arXiv 2310.10532): for an ordered sample of runs with different (learning rate, batch size),\n'
+            'does picking the run with the best **English dev** score (*Max. SRC-DEV*) transfer as well as\n'
+            "**accumulatively averaging** the runs' weights? Scores are the flat mean over all target\n"
+            'languages of the test sets (English excluded), ×100; mean ± std (ddof = 1) over samplings.\n'
+            '\n'
+            'Every number below is computed by `ofa_lib` from the results named in the parameters; nothing\n'
+            'is typed by hand. Re-run with `make reproduce-paper` (or papermill with other parameters).'),
+        new_code_cell(
+            'from IPython.display import Markdown, display\n'
+            'from ofa_lib import report as rp\n'
+            '\n'
+            'out_dir = rp.report_dir(report_name, outputs_root)\n'
+            'data = rp.load(source, tasks, model=model, data_dir=data_dir)\n'
+            'tables = rp.compute_tables(data, sampling_seeds)\n'
+            'written = rp.write_tables(tables, out_dir)\n'
+            'params = dict(source=source, model=model, tasks=tasks, sampling_seeds=sampling_seeds,\n'
+            '              report_name=report_name, outputs_root=outputs_root, data_dir=data_dir, gain_r=gain_r)\n'
+            'display(Markdown(rp.provenance_markdown(data, params, sampling_seeds, out_dir)))'),
+        new_code_cell(
+            'if description:\n'
+            '    display(Markdown(f"**This analysis.** {description}"))'),
+        new_markdown_cell(
+            '## Headline\n'
+            '\n'
+            'The best single model that source-language validation can find, against the averaged models\n'
+            'and the target-language oracle at the largest number of runs.'),
+        new_code_cell(
+            'display(Markdown(rp.headline_markdown(tables["table1"], tables["table2"])))'),
+        new_markdown_cell(
+            '## Table 1 — Max. SRC-DEV vs accumulative averaging\n'
+            '\n'
+            'For each sampling (an ordered list of runs, one per distinct (lr, batch) configuration) and each\n'
+            'r = 1…10: **Max. SRC-DEV** reports the test score of the run, among the first r, whose\n'
+            'variant-v weights have the best English dev score (ties keep the earlier run); **accumulative\n'
+            "averaging** reports the test score of the uniform average of the first r runs' variant-v weights.\n"
+            'Variants: LAST (final snapshot), SRC-DEV (snapshot with best English dev), CA (average of the\n'
+            "run's snapshots). Averaging cells are green when ≥ 0.2 above the best Max. SRC-DEV value of that\n"
+            'task and variant (any r), yellow when within ±0.1 of it (`table1.csv`).'),
+        new_code_cell(
+            'rp.style_table1(tables["table1"])'),
+        new_markdown_cell(
+            '## Table 2 — oracle selection and model soups\n'
+            '\n'
+            '**Max. SRC-DEV** here uses the SRC-DEV variant (one checkpoint chosen by English dev);\n'
+            '**Max. TRG-DEV** picks the run with the best mean target-language dev score and reports its\n'
+            'TRG-DEV variant (per-language best snapshot) — an oracle that true zero-shot transfer may not\n'
+            "use; **Acc. avg. (CA)** averages the runs' CA weights; **SOUP** averages the 5 snapshots with the\n"
+            'best English dev among the first r runs (`table2.csv`).'),
+        new_code_cell(
+            'rp.wide_table2(tables["table2"])'),
+        new_markdown_cell(
+            '## Score against the number of runs\n'
+            '\n'
+            'Lines: mean over samplings; bands: ± one standard deviation. Max. TRG-DEV (dashed) and SOUP\n'
+            '(dotted) do not depend on the variant and are repeated in each column for reference.'),
+        new_code_cell(
+            'rp.save_figure(rp.fig_score_vs_r(tables["table1"], tables["table2"]), out_dir, "score_vs_r")'),
+        new_markdown_cell(
+            '## Spread across samplings\n'
+            '\n'
+            'Each dot is one sampling; boxes show quartiles. The width of a box is how much the reported\n'
+            'number depends on which runs happened to be trained: compare how it changes with r for\n'
+            'selection and for averaging.'),
+        new_code_cell(
+            'rp.save_figure(rp.fig_spread(tables["per_sampling"]), out_dir, "spread_by_r")'),
+        new_markdown_cell(
+            '## Where averaging helps: per target language\n'
+            '\n'
+            'Gain (×100) of accumulative averaging over Max. SRC-DEV for each target language, at the r\n'
+            'given by `gain_r`, averaged over samplings (blue: averaging better; colour scale per task).'),
+        new_code_cell(
+            'gain = rp.per_language_gain(data, tables["per_sampling"], r=gain_r)\n'
+            'rp.write_csv(gain, out_dir / "language_gain.csv")\n'
+            'rp.save_figure(rp.fig_language_gain(gain, r=gain_r), out_dir, "language_gain")'),
+        new_markdown_cell(
+            '## Table 3 — single runs by hyperparameter configuration\n'
+            '\n'
+            'Mean ± std over the training seeds of each (lr, batch) configuration of the target test score\n'
+            'of each variant (TRG-DEV: per-language best snapshot on target dev, an oracle) (`table3.csv`).'),
+        new_code_cell(
+            'rp.save_figure(rp.fig_table3(tables["table3"]), out_dir, "table3_heatmap")'),
+        new_code_cell(
+            'rp.wide_table3(tables["table3"])'),
+        new_markdown_cell(
+            "## Merge methods: does anything beat the uniform mean?\n\n"
+            "Every merge rule `03_average` computed (its `methods` parameter; the store's `method` column) on the "
+            "first r runs of each sampling, against selecting one of the same r runs: target test score ×100, "
+            "mean ± std over samplings (`merge_methods.csv`). Task-vector methods start from θ₀ (the pretrained "
+            "encoder with the runs' frozen head); GREEDY SOUP keeps a run only if the English dev score of the soup "
+            "does not drop, so like Max. SRC-DEV it uses no target-language data; Max. TRG-DEV is the oracle."),
+        new_code_cell(
+            "merge_ps, merge_tab = rp.merge_methods(data, sampling_seeds)\n"
+            "if len(merge_tab):\n"
+            "    rp.write_csv(merge_tab, out_dir / rp.MERGE_FILE)\n"
+            "    display(Markdown(rp.merge_sentence(merge_tab)))\n"
+            "    display(rp.wide_merge_table(merge_tab))\n"
+            "    display(rp.save_figure(rp.fig_merge_methods(merge_tab), out_dir, \"merge_methods\"))\n"
+            "else:\n"
+            "    print(\"no merge rows (the released results, or no averages in the store)\")"),
+        new_markdown_cell(
+            '## Files'),
+        new_code_cell(
+            'display(Markdown("\\n".join(f"- `{p.name}`" for p in sorted(out_dir.iterdir())\n'
+            '                             if p.suffix in {".csv", ".png", ".svg"})))'),
     ]
     return new_notebook(cells=cells, metadata=KERNEL)
 
@@ -503,5 +642,6 @@ if __name__ == "__main__":
     write(data_prep_notebook(), "notebooks/01_data_prep.ipynb")
     write(train_notebook(), "notebooks/02_train.ipynb")
     write(average_notebook(), "notebooks/03_average.ipynb")
+    write(analysis_notebook(), "notebooks/04_analysis.ipynb")
     write(measures_notebook(), "notebooks/05_measures.ipynb")
     write(unfreezing_notebook(), "notebooks/06_unfreezing.ipynb")
