@@ -165,14 +165,14 @@ def _child_run(method: str, paths: list[str]) -> None:
 # --------------------------------------------------------------------------- driver
 
 
-def _spawn(args: list[str], threads: int = 1) -> tuple[dict, int]:
-    """Run this script as a child with ``args``; (its last JSON line, its ru_maxrss in KiB)."""
+def _spawn(args: list[str], threads: int = 1, script: str | None = None) -> tuple[dict, int]:
+    """Run ``script`` (default this one) as a child with ``args``; (its last JSON line, its ru_maxrss in KiB)."""
     env = dict(
         os.environ,
         PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
         OMP_NUM_THREADS=str(threads),
     )
-    proc = subprocess.Popen([sys.executable, __file__, *args], stdout=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen([sys.executable, script or __file__, *args], stdout=subprocess.PIPE, text=True, env=env)
     assert proc.stdout is not None
     stdout = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)

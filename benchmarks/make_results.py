@@ -23,6 +23,7 @@ import _common as _c  # noqa: E402
 # (item, name of the JSON, how to run it alone)
 SECTIONS = [
     (1, "averaging", "python benchmarks/bench_averaging.py"),
+    (1, "merging", "python benchmarks/bench_merging.py"),
     (2, "accumulative", "python benchmarks/bench_accumulative.py"),
     (3, "storage", "python benchmarks/bench_storage.py"),
     (4, "training", "python benchmarks/bench_training.py"),

@@ -158,7 +158,7 @@ def head_fingerprint(state_dict: Mapping[str, torch.Tensor], head_prefixes: Sequ
     return h.hexdigest()
 
 
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
            "BOOL": torch.bool}
 
@@ -181,7 +181,7 @@ class TensorReader:
     def get_rows(self, key: str, rows: slice | None = None) -> torch.Tensor:
         """Tensor ``key`` (or its ``rows``) as a fresh tensor in its stored dtype."""
         entry = self.header[key]
-        dtype, shape = _DTYPES[entry["dtype"]], list(entry["shape"])
+        dtype, shape = DTYPES[entry["dtype"]], list(entry["shape"])
         start, stop = entry["data_offsets"]
         if rows is not None:
             row_bytes = (stop - start) // shape[0]
@@ -278,13 +278,15 @@ def check_finite(key: str, t: torch.Tensor, what: str = "averaged tensor") -> No
 BLOCK = 1 << 22  # elements (16 MiB of fp32) per block: larger tensors are merged in blocks of rows
 
 
-def row_blocks(shape: Sequence[int]) -> list[slice | None]:
-    """Row slices that keep each block within ``BLOCK`` elements (``[None]``: the whole tensor)."""
+def row_blocks(shape: Sequence[int], block: int | None = None) -> list[slice | None]:
+    """Row slices that keep each block within ``block`` (default ``BLOCK``) elements
+    (``[None]``: the whole tensor)."""
+    block = BLOCK if block is None else block
     numel = math.prod(shape)
-    if numel <= BLOCK or len(shape) == 0:
+    if numel <= block or len(shape) == 0:
         return [None]
     per_row = max(1, numel // shape[0])
-    step = max(1, BLOCK // per_row)
+    step = max(1, block // per_row)
     return [slice(a, min(a + step, shape[0])) for a in range(0, shape[0], step)]
 
 

@@ -298,7 +298,8 @@ def merge_files(
 
     ``uniform`` is :func:`ofa_lib.averaging.average_checkpoints` (unchanged). Other methods read,
     per block of rows, θ₀'s block and each input's block (at most ``BLOCK / r`` elements each),
-    compute the merged block in fp32 and write it into the output (``dtype``, default fp32).
+    compute the merged block in fp32 and write it into the output (``dtype``, default fp32; None:
+    each tensor's storage dtype in the first input).
     Every output tensor is checked finite (a NaN/inf in an input surfaces there, naming the
     tensor). With ``out_path`` the result is written atomically with the method, its options,
     the inputs' and θ₀'s sha256 in its metadata (:data:`METHOD_KEY` …) and None is returned.
@@ -347,11 +348,11 @@ def _merge_blocks(spec: MergeSpec, infos: Sequence[ckpt_io.CheckpointInfo], binf
                         raise CheckpointMismatchError(f"non-floating tensor {key!r} differs between {binfo.path} and {info.path}")
                 result[key] = b0
                 continue
-            blocks = _blocks(shape, block)
+            blocks = ckpt_io.row_blocks(shape, block)
             thresholds = None
             if spec.method == "ties" and len(blocks) > 1:
                 thresholds = [_tensor_threshold(base, rd, key, blocks, opts["density"], math.prod(shape)) for rd in readers]
-            out = torch.empty(shape, dtype=dtype or torch.float32)
+            out = torch.empty(shape, dtype=dtype or ckpt_io.DTYPES[infos[0].dtypes[key]])
             for rows in blocks:
                 theta0 = base.get_rows(key, rows).to(torch.float32)
                 start = 0 if rows is None else rows.start * (math.prod(shape[1:]) if len(shape) > 1 else 1)
@@ -372,16 +373,6 @@ def _finite(reader: ckpt_io.TensorReader, key: str, rows: slice | None) -> torch
     t = reader.get_rows(key, rows).to(torch.float32)
     ckpt_io.check_finite(key, t, what=f"input {reader.path}, tensor")
     return t
-
-
-def _blocks(shape: Sequence[int], block: int) -> list[slice | None]:
-    """Row blocks of at most ``block`` elements (``[None]``: the whole tensor at once)."""
-    numel = math.prod(shape)
-    if numel <= block or len(shape) == 0:
-        return [None]
-    per_row = max(1, numel // shape[0])
-    step = max(1, block // per_row)
-    return [slice(a, min(a + step, shape[0])) for a in range(0, shape[0], step)]
 
 
 def _tensor_threshold(base, reader, key: str, blocks, density: float, numel: int) -> float | None:
