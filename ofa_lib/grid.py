@@ -50,6 +50,8 @@ NOTEBOOK_ONLY = ("device", "threads")  # 02_train parameters that do not change 
 DEFAULT_PIPELINE = [{"notebook": "03_average.ipynb"}, {"notebook": "04_analysis.ipynb", "html": "report.html"}]
 STATES = ("todo", "queued", "running", "done", "failed")
 TOP_KEYS = {"name", "description", "task", "preset", "grid", "train", "head_tuning", "data_prep", "pipeline", "resources"}
+RESOURCE_KEYS = {"workers", "slurm", "stall_timeout", "run_timeout"}
+STALL_TIMEOUT_S = 1800.0  # default resources.stall_timeout: seconds without progress before a run is given up
 SLURM_KEYS = {"partition", "account", "gpus_per_run", "cpus_per_task", "mem", "time", "max_concurrent", "setup",
               "extra_args"}
 
@@ -119,6 +121,8 @@ class Grid:
     slurm: Slurm
     blocks: list[dict[str, list[Any]]] = field(default_factory=list)  # the cartesian products, unioned
     runs: list[Run] = field(default_factory=list)
+    stall_timeout: float | None = STALL_TIMEOUT_S  # resources.stall_timeout (None: never)
+    run_timeout: float | None = None  # resources.run_timeout (None: no limit)
 
     @property
     def runs_root(self) -> Path:
@@ -161,18 +165,38 @@ def resolve_path(grid: str | Path) -> Path:
 
 def notebook_parameters(notebook: str | Path) -> dict[str, Any]:
     """The parameters a notebook declares in its ``parameters`` cell (papermill's inspection)."""
-    import papermill
+    from .notebook_params import declared
 
-    return papermill.inspect_notebook(str(notebook))
+    return declared(notebook)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first on line {seen[key] + 1}, again on line "
+                    f"{key_node.start_mark.line + 1})", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: Path) -> Any:
+    """A YAML file's content; a syntax error or a duplicate key is a :class:`GridError` naming file and line."""
+    try:
+        return yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as exc:
+        raise GridError(f"{path}: not valid YAML: {exc}") from exc
 
 
 def load_grid(grid: str | Path) -> Grid:
     """Read and validate a grid file completely (every run's parameters, every notebook)."""
     path = resolve_path(grid)
-    try:
-        spec = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise GridError(f"{path}: not valid YAML: {exc}") from exc
+    spec = read_yaml(path)
     if not isinstance(spec, dict):
         raise GridError(f"{path}: expected a mapping at the top level, got {type(spec).__name__}")
     unknown = sorted(set(spec) - TOP_KEYS)
@@ -260,10 +284,17 @@ def load_grid(grid: str | Path) -> Grid:
         steps.append(Step(raw["notebook"], dict(raw.get("parameters") or {}), raw.get("html")))
 
     resources = spec.get("resources") or {}
+    if not isinstance(resources, dict):
+        raise _err(path, "resources", f"{resources!r}: expected a mapping (workers, slurm, stall_timeout, run_timeout)")
+    unknown = sorted(set(resources) - RESOURCE_KEYS)
+    if unknown:
+        raise _err(path, f"resources.{unknown[0]}", f"unknown; known: {sorted(RESOURCE_KEYS)}")
     workers = resources.get("workers", 1)
     if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
         raise _err(path, "resources.workers", f"{workers!r}: expected a positive integer")
     slurm_spec = resources.get("slurm") or {}
+    if not isinstance(slurm_spec, dict):
+        raise _err(path, "resources.slurm", f"{slurm_spec!r}: expected a mapping of SLURM settings")
     bad = sorted(set(slurm_spec) - SLURM_KEYS)
     if bad:
         raise _err(path, f"resources.slurm.{bad[0]}", f"unknown; known: {sorted(SLURM_KEYS)}")
@@ -277,8 +308,14 @@ def load_grid(grid: str | Path) -> Grid:
     if not re.fullmatch(r"\d+[KMGT]?", str(slurm.mem)):
         raise _err(path, "resources.slurm.mem", f"{slurm.mem!r}: expected e.g. 64G")
 
+    timeouts = {}
+    for key, default in (("stall_timeout", STALL_TIMEOUT_S), ("run_timeout", None)):
+        value = resources.get(key, default)
+        if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0):
+            raise _err(path, f"resources.{key}", f"{value!r}: expected a positive number of seconds (or null: none)")
+        timeouts[key] = None if value is None else float(value)
     grid = Grid(name, path, spec["task"], spec["preset"], str(spec.get("description") or "").strip(), axes, train,
-                head_tuning, data_prep, steps, workers, slurm, blocks)
+                head_tuning, data_prep, steps, workers, slurm, blocks, **timeouts)
     grid.runs = _plan_runs(grid)
     return grid
 
@@ -363,24 +400,147 @@ def plan_table(grid: Grid, with_scheduler: bool = True) -> "pd.DataFrame":
     return pd.DataFrame(rows)
 
 
+# --------------------------------------------------------------------------- watching executions
+class Stalled(RuntimeError):
+    """A notebook execution made no progress for ``stall_timeout`` s (or ran past ``run_timeout``): killed."""
+
+
+def _children(pid: int) -> list[int]:
+    """Every live descendant of ``pid`` (from /proc)."""
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        parents.setdefault(ppid, []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        kids = parents.get(todo.pop(), [])
+        out += kids
+        todo += kids
+    return out
+
+
+def _kernels() -> list[int]:
+    """This process's Jupyter kernels (children running ipykernel) and everything they started."""
+    pids = []
+    for pid in _children(os.getpid()):
+        try:
+            if b"ipykernel" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                pids += [pid, *_children(pid)]
+        except OSError:
+            pass
+    return list(dict.fromkeys(pids))
+
+
+@dataclass
+class Watchdog:
+    """Watches one notebook execution from a thread of the runner: progress is what the kernel itself proves
+    (:mod:`ofa_lib.progress` beats, and papermill saving the notebook after a cell); after ``stall_timeout`` s
+    without any, or ``run_timeout`` s in all, the kernel and its children are killed (SIGKILL also ends a
+    SIGSTOPped one), papermill fails with a dead kernel, and :attr:`reason` says why."""
+
+    progress_file: Path
+    notebook_file: Path
+    stall_timeout: float | None
+    run_timeout: float | None
+    reason: str | None = None
+    _stop: Any = None
+
+    def _last_progress(self, start: float) -> float:
+        times = [start]
+        for path in (self.progress_file, self.notebook_file):
+            try:
+                times.append(path.stat().st_mtime)
+            except OSError:
+                pass
+        return max(times)
+
+    def _watch(self) -> None:
+        from . import progress
+
+        start = time.time()
+        poll = min(5.0, max(0.2, (self.stall_timeout or 20.0) / 10))
+        while not self._stop.wait(poll):
+            now = time.time()
+            info = progress.read(self.progress_file)
+            idle = now - self._last_progress(start)
+            if self.stall_timeout is not None and idle > self.stall_timeout:
+                self.reason = f"stalled: no progress for {idle:.0f} s {progress.where(info)} (resources.stall_timeout={self.stall_timeout:g})"
+            elif self.run_timeout is not None and now - start > self.run_timeout:
+                self.reason = f"timed out: still running after {now - start:.0f} s {progress.where(info)} (resources.run_timeout={self.run_timeout:g})"
+            else:
+                continue
+            for pid in _kernels():  # the kernel papermill started, and whatever it started
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+            return
+
+    def __enter__(self) -> "Watchdog":
+        import threading
+
+        from . import progress
+
+        self.progress_file.unlink(missing_ok=True)
+        self._saved_env = os.environ.get(progress.ENV)
+        os.environ[progress.ENV] = str(self.progress_file)  # the kernel inherits it
+        self._stop = threading.Event()
+        if self.stall_timeout is not None or self.run_timeout is not None:
+            threading.Thread(target=self._watch, daemon=True, name=f"watchdog {self.notebook_file.name}").start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        from . import progress
+
+        self._stop.set()
+        if self._saved_env is None:
+            os.environ.pop(progress.ENV, None)
+        else:
+            os.environ[progress.ENV] = self._saved_env
+        self.progress_file.unlink(missing_ok=True)
+
+
 # --------------------------------------------------------------------------- executing notebooks
-def execute_notebook(notebook: str | Path, out: Path, parameters: dict[str, Any], *, cwd: Path = NOTEBOOKS) -> Path:
+def temp_notebook(out: Path) -> Path:
+    """Where papermill writes ``out`` while it runs: a name unique to this process (two runners never share it)."""
+    return out.with_name(f".{out.stem}.{platform.node()}-{os.getpid()}.tmp.ipynb")
+
+
+def clean_temp_notebooks(out: Path) -> list[Path]:
+    """Remove the temp notebooks and progress files of killed executions of ``out`` (call it holding the lock
+    that guards ``out``)."""
+    litter = [p for pattern in (f".{out.stem}.*tmp.ipynb", f".{out.stem}.*.progress.json*")
+              for p in out.parent.glob(pattern) if p != temp_notebook(out)]
+    for path in litter:
+        path.unlink(missing_ok=True)
+    return litter
+
+
+def execute_notebook(notebook: str | Path, out: Path, parameters: dict[str, Any], *, cwd: Path = NOTEBOOKS,
+                     stall_timeout: float | None = None, run_timeout: float | None = None) -> Path:
     """Run a notebook with papermill into ``out``: written to a temp name, renamed when it succeeded.
 
     On failure the executed notebook (with its error cell) is kept as ``<out stem>.failed.ipynb``
-    and papermill's exception is raised.
+    and papermill's exception is raised; :class:`Stalled` when the :class:`Watchdog` killed it.
     """
     import papermill
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.stem}.tmp.ipynb")
-    try:
-        papermill.execute_notebook(str(NOTEBOOKS / notebook), str(tmp), parameters=parameters, kernel_name="python3",
-                                   cwd=str(cwd), progress_bar=False)
-    except BaseException:
-        if tmp.exists():
-            os.replace(tmp, out.with_name(f"{out.stem}.failed.ipynb"))
-        raise
+    tmp = temp_notebook(out)
+    watchdog = Watchdog(out.with_name(f".{out.stem}.{os.getpid()}.progress.json"), tmp, stall_timeout, run_timeout)
+    with watchdog:
+        try:
+            papermill.execute_notebook(str(NOTEBOOKS / notebook), str(tmp), parameters=parameters, kernel_name="python3",
+                                       cwd=str(cwd), progress_bar=False)
+        except BaseException as exc:
+            if tmp.exists():
+                os.replace(tmp, out.with_name(f"{out.stem}.failed.ipynb"))
+            if watchdog.reason:
+                raise Stalled(f"{notebook}: {watchdog.reason}") from exc
+            raise
     os.replace(tmp, out)
     out.with_name(f"{out.stem}.failed.ipynb").unlink(missing_ok=True)
     return out
@@ -406,13 +566,16 @@ def run_one(grid: Grid, run: Run, *, threads: int | None = None) -> Outcome:
         if training.is_done(run.cfg, run.root):
             return Outcome(run.run_id, "skipped-done")
         failure_path(run).unlink(missing_ok=True)
+        clean_temp_notebooks(run.dir / "02_train.ipynb")
         params = dict(run.params, output_root=str(run.root), **{k: v for k, v in grid.train.items() if k in NOTEBOOK_ONLY})
         if threads:
             params["threads"] = threads
         try:
-            execute_notebook(TRAIN_NOTEBOOK, run.dir / "02_train.ipynb", params)
+            execute_notebook(TRAIN_NOTEBOOK, run.dir / "02_train.ipynb", params, stall_timeout=grid.stall_timeout,
+                             run_timeout=grid.run_timeout)
         except Exception as exc:  # papermill's PapermillExecutionError carries the cell's error
-            error = f"{getattr(exc, 'ename', type(exc).__name__)}: {getattr(exc, 'evalue', exc)}"
+            error = str(exc).split(": ", 1)[1] if isinstance(exc, Stalled) else \
+                f"{getattr(exc, 'ename', type(exc).__name__)}: {getattr(exc, 'evalue', exc)}"
             write_json(failure_path(run), {
                 "run_id": run.run_id, "params": params, "error": error, "traceback": traceback.format_exc()[-4000:],
                 "notebook": str(run.dir / "02_train.failed.ipynb"), "job_id": lock.info.get("job_id"),
@@ -462,12 +625,28 @@ def _wait_for_live_locks(grid: Grid, runs: list[Run], poll_s: float = 10.0) -> N
     if not held:
         return
     print(f"{len(held)} run(s) are being trained by another runner; waiting for them: {[r.run_id for r in held]}")
+    since = time.time()
     with tqdm(total=len(held), desc="waiting for other runners", unit="run") as bar:
         while held:
             time.sleep(poll_s)
-            still = [r for r in held if locks.holder(lock_path(grid, r)) is not None]
+            still = [r for r in held if locks.holder(lock_path(grid, r)) is not None and not _gave_up_on(grid, r, since)]
             bar.update(len(held) - len(still))
             held = still
+
+
+def _gave_up_on(grid: Grid, run: Run, since: float) -> bool:
+    """Whether to stop waiting for a run another runner holds: its kernel proved no progress for longer than
+    that runner's watchdog allows (twice ``stall_timeout``), so that runner itself is stuck."""
+    if grid.stall_timeout is None:
+        return False
+    beats = [since] + [p.stat().st_mtime for p in run.dir.glob(f".{Path(TRAIN_NOTEBOOK).stem}.*") if p.exists()]
+    idle = time.time() - max(beats)
+    if idle <= 2 * grid.stall_timeout:
+        return False
+    holder = locks.holder(lock_path(grid, run)) or {}
+    print(f"run {run.run_id}: held by host {holder.get('host')} pid {holder.get('pid')}, but no progress for {idle:.0f} s "
+          f"(stall_timeout={grid.stall_timeout:g}): not waiting for it")
+    return True
 
 
 def run_local(grid: Grid, *, workers: int | None = None) -> list[Outcome]:
@@ -657,7 +836,22 @@ def data_line(grid: Grid) -> str:
 
 
 def report(grid: Grid, *, partial: bool = False) -> list[Path]:
-    """Execute 01_data_prep (if asked) and the pipeline notebooks; render their HTML reports."""
+    """Execute 01_data_prep (if asked) and the pipeline notebooks; render their HTML reports.
+
+    Under a lock (``.grid/locks/report.lock``): a second runner that gets here while the first is still
+    reporting does not run the pipeline again (it returns nothing). Each notebook is watched like a run
+    (``stall_timeout``, ``run_timeout``)."""
+    lock = locks.acquire(grid.state_dir / "locks" / "report.lock")
+    if lock is None:
+        other = locks.holder(grid.state_dir / "locks" / "report.lock") or {}
+        print(f"the report of grid {grid.name} is being made by another runner (host {other.get('host')}, pid "
+              f"{other.get('pid')}): not running the pipeline twice")
+        return []
+    with lock:
+        return _report(grid, partial)
+
+
+def _report(grid: Grid, partial: bool) -> list[Path]:
     from . import report as rp
 
     set_aside_stale_runs(grid)
@@ -667,15 +861,25 @@ def report(grid: Grid, *, partial: bool = False) -> list[Path]:
                         "(`run` / `retry-failed`) or pass --partial")
     written = []
     out = grid.reports_dir
+
+    def execute(notebook: str, params: dict[str, Any]) -> Path:
+        clean_temp_notebooks(out / notebook)
+        try:
+            return execute_notebook(notebook, out / notebook, params, stall_timeout=grid.stall_timeout,
+                                    run_timeout=grid.run_timeout)
+        except Stalled as exc:
+            raise GridError(f"{grid.path}: pipeline {exc}; its notebook is kept as "
+                            f"{out / (Path(notebook).stem + '.failed.ipynb')}") from exc
+
     if grid.data_prep is not None:
-        executed = execute_notebook("01_data_prep.ipynb", out / "01_data_prep.ipynb", dict(task=grid.task, **grid.data_prep))
+        executed = execute("01_data_prep.ipynb", dict(task=grid.task, **grid.data_prep))
         written += [executed, rp.render(executed, out / "data.html")]
     context = pipeline_context(grid)
     for step in grid.pipeline:
         declared = notebook_parameters(NOTEBOOKS / step.notebook)
         params = {k: v for k, v in context.items() if k in declared}
         params.update(step.parameters)
-        executed = execute_notebook(step.notebook, out / step.notebook, params)
+        executed = execute(step.notebook, params)
         written.append(executed)
         if step.html:
             written.append(rp.render(executed, out / step.html))

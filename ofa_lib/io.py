@@ -1,16 +1,37 @@
-"""Atomic file writes: a temp file in the same folder, then ``os.replace``."""
+"""Atomic file writes: a temp file in the same folder, then ``os.replace``; and the other changes a run
+makes to its files (renames, removals), all through one place.
+
+Every completed change is a *file-system event*. For the kill-point tests (``tests/test_training.py``)
+two environment variables instrument them: ``OFA_IO_TRACE=<file>`` appends one line per event
+(``<kind> <path>``), and ``OFA_IO_KILL_AT=<n>`` SIGKILLs the process right after its n-th event.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import shutil
+import signal
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+_events = 0  # file-system events of this process so far (see the module docstring)
+
+
+def _event(kind: str, path: Path) -> None:
+    """Count one completed change; trace it, or die here, when the test hooks ask for it."""
+    global _events
+    _events += 1
+    trace = os.environ.get("OFA_IO_TRACE")
+    if trace:
+        with open(trace, "a") as fh:
+            fh.write(f"{kind} {path}\n")
+    if os.environ.get("OFA_IO_KILL_AT") == str(_events):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @contextlib.contextmanager
@@ -32,9 +53,37 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with open(tmp_path, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp_path, path)
+        _event("write", path)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def is_temp(path: Path) -> bool:
+    """A temp file :func:`atomic_path` makes (``.<name>.<random>.tmp``): litter when its writer was killed."""
+    return path.name.startswith(".") and path.name.endswith(".tmp") and path.is_file()
+
+
+def replace(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Rename ``src`` onto ``dst`` (atomic)."""
+    os.replace(src, dst)
+    _event("rename", Path(dst))
+
+
+def remove(path: str | os.PathLike) -> None:
+    """Remove a file if it exists."""
+    path = Path(path)
+    if path.exists():
+        path.unlink()
+        _event("remove", path)
+
+
+def remove_tree(path: str | os.PathLike) -> None:
+    """Remove a folder and everything in it, if it exists."""
+    path = Path(path)
+    if path.exists():
+        shutil.rmtree(path)
+        _event("remove", path)
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

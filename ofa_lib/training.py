@@ -13,6 +13,13 @@ Output, all written atomically, under ``<output_root>/<run_id>/``: ``manifest.js
 ``checkpoints/{last,src_dev,ca,trg_dev}.safetensors`` (+ ``topk_<i>``), ``metrics.parquet``
 (tidy), ``train_log.parquet``, ``head.safetensors`` for head-tuning runs and, while running,
 ``resume/`` (model, optimizer, scheduler and RNG state at the last snapshot).
+
+The end of a run is a sequence every step of which a re-run finishes: once training is over, LAST, CA
+(and the head) are written, then ``resume/final.json`` records the state of the finished training; from
+then on a re-run skips training and only redoes the scoring (``snap_<k>`` → ``topk_<r>`` renames that
+have not happened yet, the test scores, the tables). The manifest says ``done`` last but one; removing
+``resume/`` comes after it. Before ``final.json`` a re-run resumes from the last resume state and
+replays the last steps bit for bit.
 """
 
 from __future__ import annotations
@@ -20,7 +27,6 @@ from __future__ import annotations
 import json
 import math
 import platform
-import shutil
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -35,7 +41,9 @@ from tqdm.auto import tqdm
 from . import averaging, data, evaluation, features, locks, metrics, models
 from . import adapters as adapters_lib, unfreezing
 from . import measures as measures_lib, optim
-from .config import TrainConfig, validate
+from .config import ConfigError, TrainConfig, check_device, check_model_available, validate
+from . import io
+from .progress import beat
 from .io import write_json, write_parquet
 from .paths import REPO_ROOT, outputs_dir
 
@@ -211,6 +219,7 @@ def prepare(cfg: TrainConfig) -> Prepared:
     if cfg.trim_vocab:
         trim = [t for _, ds in [(None, train_raw)] + dev_raw + test_raw for t in evaluation.texts_of(cfg.task, ds)]
     t1 = time.perf_counter()
+    beat(what="loading the model")
     model, tokenizer = models.load_pretrained(
         cfg.model_name, cfg.task, label_names=label_names, freeze_embeddings=cfg.freeze_embeddings, trim_corpus=trim,
         attn_implementation=optim.attn_implementation(cfg.optimizer))  # Fisher penalty: eager (double backward)
@@ -218,6 +227,7 @@ def prepare(cfg: TrainConfig) -> Prepared:
     if cfg.adapters:  # task adapters after the head is set up: they are no head keys; the base model freezes
         adapters_lib.add_adapters(model, cfg.adapters)
     t2 = time.perf_counter()
+    beat(what="featurizing")
     feat = dict(max_length=cfg.max_length, doc_stride=cfg.doc_stride, label_all_subtokens=cfg.label_all_subtokens)
     train = features.featurize(cfg.task, train_raw, tokenizer, train=True, **feat)
     dev_sets = [evaluation.make_eval_set(cfg.task, s, ds, tokenizer, batch_size=cfg.eval_batch_size, **feat) for s, ds in dev_raw]
@@ -265,6 +275,24 @@ def load_resume(path: Path, model, optimizer, scheduler, ca: averaging.RunningMe
     return meta["state"]
 
 
+def clean_litter(out: Path, *, done: bool) -> list[Path]:
+    """Remove what a killed run left in its folder: the temp files of interrupted atomic writes and, in a
+    run that is done, the resume state (a kill between the manifest's ``done`` and its removal)."""
+    removed = [p for p in out.rglob(".*.tmp") if io.is_temp(p)] if out.is_dir() else []
+    for path in removed:
+        io.remove(path)
+    if done and (out / "resume").exists():
+        removed.append(out / "resume")
+        io.remove_tree(out / "resume")
+    return removed
+
+
+def read_final(out: Path) -> dict[str, Any] | None:
+    """The state of a run whose training finished (``resume/final.json``), ``None`` before that."""
+    file = out / "resume" / "final.json"
+    return json.loads(file.read_text()) if file.is_file() else None
+
+
 # --------------------------------------------------------------------------- the run
 def tidy_rows(cfg: TrainConfig, kind: str, name: str, scores: dict[tuple[str, str, str], dict[str, float]],
               step: int, epoch: float) -> list[dict[str, Any]]:
@@ -291,7 +319,10 @@ def run_training(cfg: TrainConfig, output_root: str | Path | None = None, *, dev
     ``stop_after_step`` interrupts the run after that step (to test resuming).
     """
     validate(cfg)
+    check_device(device)
+    check_model_available(cfg.model_name)
     out = run_dir(cfg, output_root)
+    clean_litter(out, done=is_done(cfg, output_root))
     if is_done(cfg, output_root):
         print(f"run {cfg.run_id} is already done: {out} (nothing to do)")
         return out
@@ -312,6 +343,7 @@ def run_training(cfg: TrainConfig, output_root: str | Path | None = None, *, dev
 def _train(cfg: TrainConfig, out: Path, manifest: dict[str, Any], device_name: str | None, progress: bool,
            stop_after_step: int | None) -> Path:
     device = torch.device(device_name) if device_name else pick_device(cfg.precision)
+    beat(what="loading data and model")
     prep = prepare(cfg)
     model = prep.model.to(device)
     manifest.update(head_fingerprint=prep.head_fingerprint, head_keys=prep.head_keys, device=str(device),
@@ -326,6 +358,9 @@ def _train(cfg: TrainConfig, out: Path, manifest: dict[str, Any], device_name: s
 
     steps_per_epoch = math.ceil(len(prep.train) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
+    if cfg.num_snapshots > total_steps:  # known only now for QA (windows per question); before the first step
+        raise ConfigError(f"parameter num_snapshots={cfg.num_snapshots} is invalid: expected at most the {total_steps} "
+                          f"training steps ({len(prep.train)} training features / batch_size={cfg.batch_size} × epochs={cfg.epochs})")
     snaps = snapshot_steps(total_steps, cfg.num_snapshots)
     optimizer = torch.optim.AdamW(decay_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
                                   fused=device.type in ("cpu", "cuda"))  # one fused kernel per step
@@ -341,10 +376,16 @@ def _train(cfg: TrainConfig, out: Path, manifest: dict[str, Any], device_name: s
 
     state: dict[str, Any] = {"step": 0, "snapshot": 0, "best_src": None, "best_trg": None, "best_lang": {},
                              "topk": [], "rows": [], "log": []}
-    resumed = load_resume(out / "resume", model, optimizer, scheduler, ca)
-    if resumed is not None:
-        state = resumed
-        print(f"resuming run {cfg.run_id} at step {state['step']} (snapshot {state['snapshot']})")
+    final = read_final(out)  # training finished before: only the scoring is left (module docstring)
+    if final is not None:
+        state = final["state"]
+        manifest.update(final["manifest"])
+        print(f"run {cfg.run_id}: training finished before; scoring its stored variants")
+    else:
+        resumed = load_resume(out / "resume", model, optimizer, scheduler, ca)
+        if resumed is not None:
+            state = resumed
+            print(f"resuming run {cfg.run_id} at step {state['step']} (snapshot {state['snapshot']})")
 
     def save_variant(name: str, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
         averaging.save_checkpoint(tensors, ckpt_dir / f"{name}.safetensors", dtype=dtype, metadata=dict(meta, ofa_variant=name))
@@ -366,7 +407,7 @@ def _train(cfg: TrainConfig, out: Path, manifest: dict[str, Any], device_name: s
             kind=kind, name=name, step=at_step, epoch=at_step / steps_per_epoch))
 
     unfreezer = unfreezing.Unfreezer.create(cfg, model, train_rows, prep.tokenizer.pad_token_id, device, autocast)
-    if unfreezer:  # freeze the scheduled blocks (all in the optimizer already); re-apply a resumed run's events
+    if unfreezer and final is None:  # freeze the scheduled blocks (all in the optimizer already); re-apply events
         unfreezer.start(state)
     model.train()
     t_train = time.perf_counter()
@@ -390,6 +431,7 @@ def _train(cfg: TrainConfig, out: Path, manifest: dict[str, Any], device_name: s
             optimizer.zero_grad(set_to_none=True)
             step_seconds += time.perf_counter() - t_step
             step += 1
+            beat(step=step, what="training")
             bar.update(1)
             state["log"].append({"step": step, "epoch": step / steps_per_epoch, "loss": float(loss.detach()),
                                  "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
@@ -409,21 +451,32 @@ def _train(cfg: TrainConfig, out: Path, manifest: dict[str, Any], device_name: s
             if step >= total_steps:
                 break
     bar.close()
-    if unfreezer:  # final tr(F), fisher.parquet, the schedule applied → manifest
-        unfreezer.finish(step, state, step / steps_per_epoch, out, cfg.run_id, manifest)
-    train_seconds = time.perf_counter() - t_train
+    if final is None:
+        before = set(manifest)
+        if unfreezer:  # final tr(F), fisher.parquet, the schedule applied → manifest
+            unfreezer.finish(step, state, step / steps_per_epoch, out, cfg.run_id, manifest)
+        # LAST and CA (and the head); then the commit point: final.json says training is complete
+        state_now = model.state_dict()
+        save_variant("last", state_now, storage)
+        save_variant("ca", ca.mean, torch.float32)
+        if frozen_head is not None:
+            assert all(torch.equal(state_now[k], v) for k, v in frozen_head.items()), "frozen head changed"
+        if cfg.head == "train":
+            averaging.save_checkpoint({k: state_now[k] for k in prep.head_keys}, out / "head.safetensors",
+                                      metadata=dict(meta, ofa_variant="head"))
+        state["step"] = step
+        final = {"state": state, "manifest": {k: v for k, v in manifest.items() if k not in before},
+                 "train_s": time.perf_counter() - t_train, "train_step_s": step_seconds, "trained_steps": step - start_step}
+        write_json(out / "resume" / "final.json", final)
+    train_seconds, step_seconds = final["train_s"], final["train_step_s"]
 
-    # LAST and CA; then score every kept variant from its stored checkpoint
-    state_now = model.state_dict()
-    save_variant("last", state_now, storage)
-    save_variant("ca", ca.mean, torch.float32)
-    if frozen_head is not None:
-        assert all(torch.equal(state_now[k], v) for k, v in frozen_head.items()), "frozen head changed"
-    if cfg.head == "train":
-        averaging.save_checkpoint({k: state_now[k] for k in prep.head_keys}, out / "head.safetensors",
-                                  metadata=dict(meta, ofa_variant="head"))
-    for rank, (_, snap) in enumerate(state["topk"]):  # snap_<k> → topk_<rank>, rank 0 = best
-        (ckpt_dir / f"snap_{snap}.safetensors").replace(ckpt_dir / f"topk_{rank}.safetensors")
+    # score every kept variant from its stored checkpoint
+    for rank, (_, snap) in enumerate(state["topk"]):  # snap_<k> → topk_<rank>, rank 0 = best; done once
+        src, dst = ckpt_dir / f"snap_{snap}.safetensors", ckpt_dir / f"topk_{rank}.safetensors"
+        if src.is_file():
+            io.replace(src, dst)
+        elif not dst.is_file():
+            raise FileNotFoundError(f"run {cfg.run_id}: the top-{rank + 1} snapshot {snap} is neither at {src} nor at {dst}")
     variants = list(VARIANTS) + [f"topk_{i}" for i in range(len(state["topk"]))]
     t_eval = time.perf_counter()
     rows = list(state["rows"])
@@ -432,6 +485,7 @@ def _train(cfg: TrainConfig, out: Path, manifest: dict[str, Any], device_name: s
     source_snapshot.update({f"topk_{i}": snap for i, (_, snap) in enumerate(state["topk"])})
     snapshot_rows = pd.DataFrame(state["rows"])
     test_by_snapshot: dict[int, dict] = {}  # variants stored from the same snapshot hold identical weights
+    beat(what="scoring the variants")
     for name in tqdm(variants, desc="score variants", disable=not progress):
         if name in source_snapshot:
             snap = source_snapshot[name]
@@ -453,7 +507,6 @@ def _train(cfg: TrainConfig, out: Path, manifest: dict[str, Any], device_name: s
         write_parquet(out / "measures.parquet", measures_lib.with_variant_rows(state["measures"], source_snapshot))
     write_parquet(out / "metrics.parquet", pd.DataFrame(rows))
     write_parquet(out / "train_log.parquet", pd.DataFrame(state["log"]))
-    shutil.rmtree(out / "resume", ignore_errors=True)
     manifest.update(
         status="done", ended=time.time(), variants=variants, total_steps=total_steps, snapshot_steps=snaps,
         src_dev_snapshot=state["best_src"][1] if state["best_src"] else None,
@@ -462,9 +515,10 @@ def _train(cfg: TrainConfig, out: Path, manifest: dict[str, Any], device_name: s
         topk_snapshots=[s for _, s in state["topk"]],
         timings=dict(prep.timings, train_s=train_seconds, final_eval_s=time.perf_counter() - t_eval,
                      train_step_s=step_seconds,
-                     train_examples_per_s=(step - start_step) * cfg.batch_size / max(step_seconds, 1e-9)),
+                     train_examples_per_s=final["trained_steps"] * cfg.batch_size / max(step_seconds, 1e-9)),
     )
     write_json(out / "manifest.json", manifest)
+    io.remove_tree(out / "resume")  # after `done`: a kill before this leaves litter that the next run removes
     return out
 
 
@@ -492,5 +546,5 @@ def _take_snapshot(cfg, model, state, step, epoch, snaps, ca, evaluate_all, prep
             save_variant(f"snap_{k}", weights, storage)
         for _, s in state["topk"]:
             if s not in kept:
-                (ckpt_dir / f"snap_{s}.safetensors").unlink(missing_ok=True)
+                io.remove(ckpt_dir / f"snap_{s}.safetensors")
         state["topk"] = ranked

@@ -161,6 +161,19 @@ def test_featurize_cache_hit(tiny_tokenizer, tmp_outputs, monkeypatch):
         F.featurize("sentiment", ds, tiny_tokenizer, 32, train=True)
 
 
+def test_a_truncated_cache_file_is_rebuilt(tiny_tokenizer, tmp_outputs, capsys):
+    ds = load_split("umsab", "spanish", "validation", subsample=30)
+    expected = F.featurize("sentiment", ds, tiny_tokenizer, 64, train=True).to_list()  # read before truncating
+    (file,) = (tmp_outputs / "cache" / "features").glob("sentiment-*.arrow")
+    content = file.read_bytes()
+    file.unlink()  # a new inode: nothing of this process maps the old one
+    file.write_bytes(content[: len(content) // 2])
+    again = F.featurize("sentiment", ds, tiny_tokenizer, 64, train=True)
+    assert again.to_list() == expected
+    assert "is unreadable" in capsys.readouterr().out and str(file) in again.cache_files[0]["filename"]
+    assert file.stat().st_size == len(content)  # rebuilt in place: the next run reads it
+
+
 def test_featurize_errors(tiny_tokenizer, tmp_outputs, ner_sentence):
     with pytest.raises(ValueError, match="task='pos' is unknown"):
         F.featurize("pos", ner_sentence, tiny_tokenizer, 64, train=True)

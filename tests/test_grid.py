@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -58,6 +59,26 @@ def write_grid(tmp_path: Path, **changes) -> Path:
 ])
 def test_invalid_grids_name_the_field(tmp_path, changes, match):
     path = write_grid(tmp_path, **changes)
+    with pytest.raises(G.GridError, match=match) as info:
+        G.load_grid(path)
+    assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("text, match", [
+    ("lr: [1e-4]\nlr: [3e-4]\n", r"duplicate key 'lr' \(first on line \d+, again on line \d+\)"),
+    ("resources: 4\n", r"field resources: 4: expected a mapping"),
+    ("resources:\n  slurm: gpu\n", r"field resources.slurm: 'gpu': expected a mapping"),
+    ("resources:\n  workerz: 2\n", r"field resources.workerz: unknown"),
+])
+def test_duplicate_keys_and_malformed_resources_are_named(tmp_path, text, match):
+    spec = yaml.safe_load(SMOKE.read_text())
+    spec.pop("resources", None)
+    grid_block = yaml.safe_dump({"grid": spec.pop("grid")})
+    if text.startswith("lr:"):  # a key twice inside the grid mapping
+        grid_block = "grid:\n" + "".join("  " + line + "\n" for line in text.splitlines()) + "  batch_size: [8]\n"
+        text = ""
+    path = tmp_path / "g.yaml"
+    path.write_text(yaml.safe_dump(spec) + grid_block + text)
     with pytest.raises(G.GridError, match=match) as info:
         G.load_grid(path)
     assert str(path) in str(info.value)
@@ -240,3 +261,110 @@ def test_local_grid_killed_with_sigkill_resumes_to_the_same_report(tmp_outputs):
     plan = subprocess.run([sys.executable, "-m", "ofa_lib.grid", "status", "smoke"], env=env, cwd=REPO_ROOT,
                           capture_output=True, text=True, check=True).stdout
     assert plan.count(" done") == 3
+
+
+# --------------------------------------------------------------------------- nothing hangs, runners that meet
+def _stop_kernel_at_step(run_dir: Path, step: int, stopped: dict, deadline_s: float = 900) -> None:
+    """SIGSTOP the kernel training in ``run_dir`` once its progress file says ``step``."""
+    deadline = time.time() + deadline_s
+    while time.time() < deadline:
+        for file in run_dir.glob(".02_train.*.progress.json"):
+            try:
+                info = json.loads(file.read_text())
+            except (OSError, ValueError):
+                continue
+            if (info.get("step") or 0) >= step:
+                os.kill(info["pid"], signal.SIGSTOP)
+                stopped.update(info, at=time.time())
+                return
+        time.sleep(0.1)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_a_stopped_kernel_is_given_up_and_the_grid_goes_on(tmp_outputs, tmp_path):
+    """A kernel that stops (SIGSTOP) while its lock heartbeat thread keeps beating: after stall_timeout s
+    without progress it is killed, the run recorded failed with the reason, its lock released; the next run trains."""
+    import threading
+
+    stall = 60
+    path = write_grid(tmp_path, head_tuning=None, train={"head": "init:0"},
+                      grid={"lr": [1e-4, 3e-4], "batch_size": [8], "seed": [1]},
+                      resources={"workers": 1, "stall_timeout": stall})
+    grid = G.load_grid(path)
+    victim, other = grid.runs
+    stopped: dict = {}
+    watcher = threading.Thread(target=_stop_kernel_at_step, args=(victim.dir, 2, stopped), daemon=True)
+    watcher.start()
+    assert G.run(grid) == 1
+    ended = time.time()
+    watcher.join(1)
+    assert stopped, "the victim's kernel was never stopped"
+    record = json.loads(G.failure_path(victim).read_text())
+    assert re.fullmatch(rf"stalled: no progress for \d+ s at step {stopped['step']} \(training\) "
+                        rf"\(resources.stall_timeout={stall}\)", record["error"]), record["error"]
+    assert G.run_state(grid, victim) == "failed" and locks.holder(G.lock_path(grid, victim)) is None
+    assert G.run_state(grid, other) == "done"
+    state = Path(f"/proc/{stopped['pid']}/stat")
+    assert not state.exists() or state.read_text().rsplit(")", 1)[1].split()[0] == "Z"  # the kernel is dead
+    print(f"stopped at step {stopped['step']}; given up and the grid finished {ended - stopped['at']:.0f} s later")
+
+
+def test_timeouts_are_validated(tmp_path):
+    for value in (0, -5, "an hour", True):
+        with pytest.raises(G.GridError, match=r"resources.stall_timeout: .*positive number of seconds"):
+            G.load_grid(write_grid(tmp_path, resources={"stall_timeout": value}))
+    grid = G.load_grid(write_grid(tmp_path, resources={"stall_timeout": None, "run_timeout": 3600}))
+    assert grid.stall_timeout is None and grid.run_timeout == 3600.0
+    assert G.load_grid(SMOKE).stall_timeout == G.STALL_TIMEOUT_S
+
+
+def test_a_pipeline_notebook_past_its_run_timeout_is_killed_and_named(tmp_path):
+    out = tmp_path / "reports" / "03_average.ipynb"
+    start = time.time()
+    with pytest.raises(G.Stalled, match=r"03_average.ipynb: timed out: still running after \d+ s .*run_timeout=0.5"):
+        G.execute_notebook("03_average.ipynb", out, {"task": "sib", "runs_root": str(tmp_path / "none")},
+                           run_timeout=0.5)
+    assert time.time() - start < 60
+    assert (out.parent / "03_average.failed.ipynb").is_file() and not list(out.parent.glob(".*"))
+
+
+def test_report_steps_take_a_lock(tmp_outputs, capsys):
+    """A second runner reaching the report while another makes it does not run the pipeline again."""
+    grid = G.load_grid("smoke")
+    held = locks.acquire(grid.state_dir / "locks" / "report.lock")
+    try:
+        assert G.report(grid, partial=True) == []
+    finally:
+        held.release()
+    assert "being made by another runner" in capsys.readouterr().out
+    assert not grid.reports_dir.exists()
+
+
+def test_temp_notebooks_are_unique_per_process_and_litter_is_cleaned(tmp_path):
+    out = tmp_path / "run" / "02_train.ipynb"
+    mine = G.temp_notebook(out)
+    assert str(os.getpid()) in mine.name and mine.name.startswith(".02_train.") and mine.name.endswith(".tmp.ipynb")
+    out.parent.mkdir()
+    litter = [out.with_name(".02_train.tmp.ipynb"), out.with_name(".02_train.otherhost-123.tmp.ipynb"),
+              out.with_name(".02_train.123.progress.json")]
+    for path in litter + [out.with_name("02_train.failed.ipynb")]:
+        path.write_text("{}")
+    assert sorted(G.clean_temp_notebooks(out)) == sorted(litter)
+    assert [p.name for p in out.parent.iterdir()] == ["02_train.failed.ipynb"]
+
+
+def test_a_runner_does_not_wait_forever_for_a_stuck_one(tmp_path, tmp_outputs, capsys):
+    """Another runner holds a run (a live lock) but its kernel proves no progress: after twice
+    stall_timeout the waiting runner goes on instead of waiting with it."""
+    grid = G.load_grid(write_grid(tmp_path, head_tuning=None, train={"head": "init:0"}, resources={"stall_timeout": 1}))
+    run = grid.runs[0]
+    held = locks.acquire(G.lock_path(grid, run))  # live: this process holds it
+    run.dir.mkdir(parents=True)
+    (run.dir / ".02_train.999.progress.json").write_text('{"step": 3}')
+    start = time.time()
+    try:
+        G._wait_for_live_locks(grid, [run], poll_s=0.2)
+    finally:
+        held.release()
+    assert time.time() - start < 10 and "not waiting for it" in capsys.readouterr().out

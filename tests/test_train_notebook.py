@@ -37,3 +37,26 @@ def test_train_notebook_rejects_bad_parameter(tmp_path):
             parameters={"preset": "smoke", "batch_size": 0, "output_root": str(tmp_path / "runs")},
         )
     assert not (tmp_path / "runs").exists()  # failed before any work
+
+
+@pytest.mark.parametrize("name, value, match", [
+    ("lrr", 1e-4, r"unknown parameter\(s\) 'lrr' \(did you mean 'lr'\?\)"),
+    ("freeze_embeddings", "no", r"parameter freeze_embeddings='no' is invalid: expected true or false"),
+    ("top_k", "two", r"parameter top_k='two' is invalid: expected an integer"),
+    ("threads", "many", r"parameter threads='many' is invalid"),
+])
+def test_train_notebook_refuses_what_it_does_not_declare_or_cannot_take(tmp_path, name, value, match):
+    """papermill only warns about an unknown -p name; the notebook's first cell refuses it, before any work."""
+    with pytest.raises(papermill.PapermillExecutionError, match=match):
+        papermill.execute_notebook(
+            "notebooks/02_train.ipynb", str(tmp_path / "out.ipynb"), kernel_name="python3", progress_bar=False,
+            parameters={"preset": "smoke", name: value, "output_root": str(tmp_path / "runs")},
+        )
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("notebook", ["01_data_prep", "03_average", "04_analysis", "05_measures", "06_unfreezing"])
+def test_every_notebook_refuses_an_undeclared_parameter(tmp_path, notebook):
+    with pytest.raises(papermill.PapermillExecutionError, match=r"unknown parameter\(s\) 'r_maks'"):
+        papermill.execute_notebook(f"notebooks/{notebook}.ipynb", str(tmp_path / "out.ipynb"), kernel_name="python3",
+                                   progress_bar=False, parameters={"r_maks": 2}, cwd="notebooks")

@@ -43,10 +43,41 @@ def finished(tmp_path_factory):
     (dict(precision="fp8"), "precision"),
     (dict(target_datasets=["wikiann"]), "target_datasets[0]"),
     (dict(num_snapshots=99), "num_snapshots"),
+    # refused, not guessed (issue 13): strict types, booleans true/false only
+    (dict(top_k="two"), "top_k"),
+    (dict(freeze_embeddings="no"), "freeze_embeddings"),
+    (dict(trim_vocab="False"), "trim_vocab"),
+    (dict(lr="1e-4"), "lr"),
+    (dict(epochs=1.5), "epochs"),
+    (dict(target_langs={"xnli": []}), "target_langs"),
+    (dict(train_subsample=0), "train_subsample"),
+    (dict(model_name="/no/such/model"), "model_name"),
+    (dict(model_name="./models/e5"), "model_name"),
+    (dict(max_length=4), "max_length"),
 ])
 def test_invalid_parameters_are_named(params, name):
-    with pytest.raises(ConfigError, match=rf"parameter {re.escape(name)}="):
+    with pytest.raises(ConfigError, match=rf"parameter {re.escape(name)}=") as info:
         config.make_config("nli", "smoke", **params)
+    assert "expected" in str(info.value)
+
+
+def test_qa_parameters_that_cannot_work_are_refused_before_loading(tmp_path):
+    with pytest.raises(ConfigError, match=r"parameter max_length=4 .*at least"):
+        config.make_config("qa", "smoke", max_length=4)
+    cfg = config.make_config("qa", "smoke", num_snapshots=1000, top_k=0)
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match=r"parameter num_snapshots=1000 .*training steps"):
+        training.run_training(cfg, tmp_path, progress=False)  # after featurizing (windows), before the first step
+    assert not (tmp_path / cfg.run_id / "train_log.parquet").exists()
+    print(f"num_snapshots=1000 (QA) refused after {time.perf_counter() - start:.1f} s")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_device_this_machine_lacks_is_refused_before_loading(tmp_path):
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match=r"parameter device='cuda' .*a GPU this machine has"):
+        training.run_training(smoke(), tmp_path, progress=False, device="cuda")
+    assert time.perf_counter() - start < 5 and not any(tmp_path.iterdir())
 
 
 def test_unknown_task_preset_and_parameter():
@@ -153,6 +184,23 @@ def test_finished_run_is_not_repeated(finished, capsys):
     assert (out / "metrics.parquet").stat().st_mtime_ns == before
 
 
+def test_litter_of_a_killed_run_is_cleaned_on_its_next_run(finished):
+    """Temp files of interrupted atomic writes (a kill mid-write) and a done run's resume/ (a kill between
+    `done` and its removal) go when the run is next run."""
+    cfg, out, root = finished
+    litter = [out / "checkpoints" / ".snap_2.safetensors.k3j1x0.tmp", out / ".manifest.json.a8sd7f.tmp",
+              out / "resume" / "state.json"]
+    for path in litter:
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b"partial")
+    keep = out / "checkpoints" / "notes.tmp"  # not a temp name of ofa_lib.io: left alone
+    keep.write_text("mine")
+    training.run_training(cfg, root, progress=False)
+    assert not any(p.exists() for p in litter) and not (out / "resume").exists() and keep.exists()
+    keep.unlink()
+    assert training.is_done(cfg, root)
+
+
 def values(out: Path) -> pd.DataFrame:
     df = pd.read_parquet(out / "metrics.parquet")
     return df.sort_values(["kind", "name", "dataset", "lang", "split", "metric"]).reset_index(drop=True)[
@@ -219,3 +267,58 @@ def test_sigkill_leaves_no_corrupt_checkpoint(tmp_path):
     subprocess.run([sys.executable, "-c", code], env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     (run,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     assert json.loads((run / "manifest.json").read_text())["status"] == "done"
+
+
+def _final_phase_start(cfg: config.TrainConfig, root: Path) -> Path:
+    """A run stopped right after its last-but-one snapshot (its resume state saved): the final phase is next."""
+    with pytest.raises(KeyboardInterrupt):
+        training.run_training(cfg, root, progress=False,
+                              stop_after_step=training.snapshot_steps(6, cfg.num_snapshots)[-2])
+    return root / cfg.run_id
+
+
+def _train_in_subprocess(cfg: config.TrainConfig, root: Path, **env: str) -> subprocess.CompletedProcess:
+    code = ("import sys; from ofa_lib import config, training\n"
+            f"cfg = config.TrainConfig(**{cfg.canonical()!r})\n"
+            f"assert cfg.run_id == {cfg.run_id!r}\n"
+            f"training.run_training(cfg, {str(root)!r}, progress=False)\n")
+    return subprocess.run([sys.executable, "-c", code], env=dict(os.environ, **env), capture_output=True, text=True)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)  # 12 kill points × (a killed run + its re-run), each a model load and the final scoring
+def test_kill_at_every_write_of_the_final_phase_resumes_to_identical_metrics(finished, tmp_path, monkeypatch):
+    """Kill-point sweep: SIGKILL a run after each file-system event (write, rename, removal) of its last
+    snapshot and finish (ofa_lib.io's OFA_IO_KILL_AT hook), re-run it: it must end `done`, with metrics
+    identical to the uninterrupted run's and no litter. Trained once to just before the final phase; each
+    kill point starts from a copy of that."""
+    import shutil
+
+    cfg, reference, _ = finished
+    assert len(pd.read_parquet(reference / "train_log.parquet")) == 6  # the step count _final_phase_start assumes
+    start = _final_phase_start(cfg, tmp_path / "start")
+    trace = tmp_path / "trace.txt"
+    shutil.copytree(start.parent, tmp_path / "traced")
+    monkeypatch.setenv("OFA_IO_TRACE", str(trace))
+    training.run_training(cfg, tmp_path / "traced", progress=False)
+    monkeypatch.delenv("OFA_IO_TRACE")
+    pd.testing.assert_frame_equal(values(tmp_path / "traced" / cfg.run_id), values(reference))
+    events = trace.read_text().splitlines()
+    first = next(i for i, e in enumerate(events) if not e.endswith("manifest.json"))  # the re-run's own start: not final
+    kinds = [e.split(" ", 1)[0] for e in events]
+    assert kinds.count("rename") == 3 and kinds[-1] == "remove" and events[-2].endswith("manifest.json"), events
+    outcomes = {}
+    for n in range(first + 1, len(events) + 1):
+        root = tmp_path / f"kill{n}"
+        shutil.copytree(start.parent, root)
+        killed = _train_in_subprocess(cfg, root, OFA_IO_KILL_AT=str(n))
+        assert killed.returncode == -signal.SIGKILL, (n, events[n - 1], killed.stderr[-2000:])
+        training.run_training(cfg, root, progress=False)
+        run = root / cfg.run_id
+        assert json.loads((run / "manifest.json").read_text())["status"] == "done", events[n - 1]
+        pd.testing.assert_frame_equal(values(run), values(reference))
+        assert not (run / "resume").exists() and not list(run.rglob("*.tmp")), events[n - 1]
+        outcomes[events[n - 1].replace(str(tmp_path / "traced"), "")] = "done, identical metrics"
+        shutil.rmtree(root)
+    assert len(outcomes) >= 10
+    print(f"{len(outcomes)} kill points:", *[f"after {e}: {o}" for e, o in outcomes.items()], sep="\n  ")

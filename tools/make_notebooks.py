@@ -5,6 +5,13 @@ import hashlib
 import nbformat
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
+def check_parameters(notebook: str) -> str:
+    """The first lines after a parameters cell: a parameter the notebook does not declare, or a value of the
+    wrong type, is refused before any work (papermill only warns about unknown names)."""
+    return ("from ofa_lib import notebook_params\n"
+            f"notebook_params.check(globals(), \"{notebook}\")  # unknown parameters and wrong types: refused here\n")
+
+
 KERNEL = {"kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
           "language_info": {"name": "python"}}
 
@@ -36,6 +43,7 @@ def data_prep_notebook() -> nbformat.NotebookNode:
             "output_dir = None            # default outputs/data/<task>\n",
             metadata={"tags": ["parameters"]}),
         new_code_cell(
+            check_parameters("01_data_prep") +
             "from IPython.display import Markdown, display\n"
             "from ofa_lib import dataprep\n\n"
             "dataprep.setup_display()\n"
@@ -175,6 +183,7 @@ def train_notebook() -> nbformat.NotebookNode:
             "threads = None               # torch CPU threads\n",
             metadata={"tags": ["parameters"]}),
         new_code_cell(
+            check_parameters("02_train") +
             "import torch\n"
             "from ofa_lib import config, report, runs, training\n\n"
             "if threads:\n"
@@ -227,6 +236,7 @@ def average_notebook() -> nbformat.NotebookNode:
             "dare_linear, dare_ties, greedy_soup), each row tagged with the method and its options in the store's "
             "`method` column."),
         new_code_cell(
+            check_parameters("03_average") +
             "import pandas as pd\n"
             "import torch\n"
             "from ofa_lib import crossrun, results\n\n"
@@ -426,6 +436,7 @@ def measures_notebook() -> nbformat.NotebookNode:
             "Run headless: `papermill notebooks/05_measures.ipynb out.ipynb -p task sib -p runs_root outputs/runs/<grid>`; "
             "in a grid: a `pipeline` step after `03_average.ipynb`."),
         new_code_cell(
+            check_parameters("05_measures") +
             "import warnings\n"
             "from pathlib import Path\n"
             "import pandas as pd\n"
@@ -559,6 +570,7 @@ def unfreezing_notebook() -> nbformat.NotebookNode:
             "Run headless: `papermill notebooks/06_unfreezing.ipynb out.ipynb -p runs_root outputs/runs/demo_unfreezing`, "
             "or as the pipeline of `python -m ofa_lib.grid run params/grids/demo_unfreezing.yaml`."),
         new_code_cell(
+            check_parameters("06_unfreezing") +
             "from pathlib import Path\n"
             "import torch\n"
             "from IPython.display import Markdown, display\n"
