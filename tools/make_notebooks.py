@@ -297,6 +297,7 @@ def analysis_notebook() -> nbformat.NotebookNode:
             'Every number below is computed by `ofa_lib` from the results named in the parameters; nothing\n'
             'is typed by hand. Re-run with `make reproduce-paper` (or papermill with other parameters).'),
         new_code_cell(
+            check_parameters("04_analysis") +
             'from IPython.display import Markdown, display\n'
             'from ofa_lib import report as rp\n'
             '\n'
