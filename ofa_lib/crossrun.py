@@ -622,7 +622,7 @@ def execute_pass(plan: CrossRunPlan, store: _Store, *, keep_checkpoints: bool = 
         if it.status == "evaluate":
             evaluate(it, state)
 
-    greedy = _Greedy(plan, store, stats, score, model_and_sets)
+    greedy = _Greedy(plan, store, stats, score, model_and_sets) if any(s.info.needs_scores for s in plan.specs) else None
     bar = tqdm(total=len(plan.items), desc=f"average {cfg.task}", disable=not progress)
     groups: dict[tuple, list[_Item]] = defaultdict(list)
     for it in plan.items:
@@ -643,7 +643,7 @@ def execute_pass(plan: CrossRunPlan, store: _Store, *, keep_checkpoints: bool = 
             for it in todo:
                 stats["checkpoint_reads"] += len(it.paths)
                 finish(it, averaging.uniform_soup(it.paths))
-        elif spec.info.needs_scores:  # greedy soup: English-dev trials, then a uniform mean of the kept runs
+        elif spec.info.needs_scores and greedy is not None:  # greedy soup: English-dev trials, then a uniform mean
             for it in todo:
                 greedy.run(it, finish, needs_weights)
         elif spec.info.incremental:  # θ̄_1 … θ̄_r streamed, each checkpoint read once
