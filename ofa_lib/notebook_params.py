@@ -26,6 +26,8 @@ TYPES: dict[str, tuple[type | tuple[type, ...], str]] = {
     "threads": (int, "an integer"), "device": (str, "a device name such as 'cpu' or 'cuda'"),
     "output_root": (str, "a folder path"), "output_dir": (str, "a folder path"), "runs_root": (str, "a folder path"),
     "results_path": (str, "a file path"), "outputs_root": (str, "a folder path"), "data_dir": (str, "a folder path"),
+    "methods": ((list, dict), "a list of merge-method names or a mapping name -> options (ofa_lib.merging)"),
+    "method_variants": (list, "a list of variants"),
 }
 
 
