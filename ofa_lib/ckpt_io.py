@@ -17,6 +17,8 @@ combined), ``ofa_run_id`` and other ``ofa_*`` keys.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -24,10 +26,10 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ofa_lib.io import atomic_path
@@ -45,6 +47,11 @@ SHOW = 5  # how many offending keys an error message lists
 
 class CheckpointMismatchError(ValueError):
     """Checkpoints that cannot be averaged: keys, shapes, head fingerprints or values differ."""
+
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint file that cannot be read (truncated, damaged header) or whose bytes are not the ones its
+    run recorded when it wrote them (``checkpoint_sha256`` in the run's manifest)."""
 
 
 class NonFiniteError(ValueError):
@@ -74,12 +81,23 @@ class CheckpointInfo:
         return self.metadata.get(RUN_ID_KEY)
 
 
+@contextlib.contextmanager
+def open_safetensors(path: Path) -> Iterator[Any]:
+    """``safe_open``, with a damaged file's error naming the file (safetensors' own names none)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            yield f
+    except SafetensorError as exc:
+        raise CorruptCheckpointError(f"checkpoint {path} is not a readable safetensors file ({exc}): truncated or "
+                                     "damaged; re-create it (re-run its run) or remove it") from None
+
+
 def checkpoint_info(path: PathLike) -> CheckpointInfo:
     """Read keys, shapes, dtypes and metadata of a safetensors file from its header only."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    with safe_open(str(path), framework="pt") as f:
+    with open_safetensors(path) as f:
         shapes, dtypes = {}, {}
         for key in f.keys():
             sl = f.get_slice(key)
@@ -100,7 +118,7 @@ def load_checkpoint(path: PathLike, *, dtype: torch.dtype | None = None) -> Stat
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     out: StateDict = {}
-    with safe_open(str(path), framework="pt") as f:
+    with open_safetensors(path) as f:
         for key in f.keys():
             out[key] = cast(f.get_tensor(key), dtype)
     return out
@@ -174,9 +192,20 @@ class TensorReader:
     def __init__(self, path: Path):
         self.path = path
         self.fd = os.open(path, os.O_RDONLY)
-        (n,) = struct.unpack("<Q", os.pread(self.fd, 8, 0))
-        self.header = json.loads(os.pread(self.fd, n, 8))
+        try:
+            (n,) = struct.unpack("<Q", os.pread(self.fd, 8, 0))
+            if n > os.fstat(self.fd).st_size - 8:
+                raise ValueError(f"header length {n} exceeds the file")
+            self.header = json.loads(os.pread(self.fd, n, 8))
+        except (struct.error, ValueError) as exc:
+            os.close(self.fd)
+            raise CorruptCheckpointError(f"checkpoint {path} has no readable safetensors header ({exc})") from None
         self.base = 8 + n
+        end = max((e["data_offsets"][1] for k, e in self.header.items() if k != "__metadata__"), default=0)
+        if self.base + end > os.fstat(self.fd).st_size:
+            os.close(self.fd)
+            raise CorruptCheckpointError(f"checkpoint {path} is truncated: its header needs {self.base + end} bytes, "
+                                         f"the file has {os.path.getsize(path)}")
 
     def get_rows(self, key: str, rows: slice | None = None) -> torch.Tensor:
         """Tensor ``key`` (or its ``rows``) as a fresh tensor in its stored dtype."""
@@ -298,3 +327,23 @@ def file_sha256(path: PathLike, chunk: int = 1 << 24) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+@functools.lru_cache(maxsize=4096)
+def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
+    return file_sha256(path)
+
+
+def verify_recorded(run_dir: PathLike, recorded: Mapping[str, str], run_id: str) -> None:
+    """Each file of a run whose sha256 the run recorded as it wrote it (``checkpoint_sha256`` of its manifest:
+    path in the run folder -> hex digest) must still have it; else :class:`CorruptCheckpointError` naming the
+    run and the file. Hashes are computed once per file version (path, size, mtime) in a process."""
+    for name, expected in recorded.items():
+        path = Path(run_dir) / name
+        if not path.is_file():
+            raise CorruptCheckpointError(f"run {run_id}: {path} is missing (its manifest records it)")
+        stat = path.stat()
+        if _sha256_of(str(path), stat.st_size, stat.st_mtime_ns) != expected:
+            raise CorruptCheckpointError(
+                f"run {run_id}: {path} is not the file the run wrote (sha256 differs from the one its manifest "
+                f"recorded): it was changed after training; nothing is averaged or written from these runs")

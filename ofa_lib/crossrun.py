@@ -55,10 +55,9 @@ from typing import Any, Iterable, Sequence
 
 import pandas as pd
 import torch
-from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from . import averaging, evaluation, merging, metrics, training
+from . import averaging, ckpt_io, evaluation, merging, metrics, training
 from . import results as R
 from . import selection as S
 from .config import TrainConfig
@@ -108,6 +107,9 @@ def find_runs(runs_root: str | Path | None = None, task: str | None = None, *, c
         if m.get("status") != "done":
             unfinished.append(f"{file.parent.name} ({m.get('status')})")
             continue
+        # before any use: the checkpoints are the bytes the run wrote (runs trained before hashes were recorded
+        # have none to check)
+        ckpt_io.verify_recorded(file.parent, m.get("checkpoint_sha256") or {}, m["run_id"])
         rows.append({"run_id": m["run_id"], "task": p["task"], "lr": float(p["lr"]), "batch_size": int(p["batch_size"]),
                      "seed": int(p["seed"]), "head": p["head"], "head_fingerprint": m.get("head_fingerprint"),
                      "vocab_size": m.get("vocab_size"), "top_k": len(m.get("topk_snapshots") or []),
@@ -145,7 +147,7 @@ def vocabulary_key(path: str | Path) -> str:
         return f"full:{size}"
     if p.get("freeze_embeddings"):
         file = Path(path) / "checkpoints" / "last.safetensors"
-        with safe_open(str(file), framework="pt") as f:
+        with ckpt_io.open_safetensors(file) as f:
             keys = [k for k in f.keys() if k.endswith("word_embeddings.weight")]
             if len(keys) == 1:
                 t = f.get_tensor(keys[0]).contiguous()

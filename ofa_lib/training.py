@@ -42,7 +42,7 @@ from . import averaging, data, evaluation, features, locks, metrics, models
 from . import adapters as adapters_lib, unfreezing
 from . import measures as measures_lib, optim
 from .config import ConfigError, TrainConfig, check_device, check_model_available, validate
-from . import io
+from . import ckpt_io, io
 from .progress import beat
 from .io import write_json, write_parquet
 from .paths import REPO_ROOT, outputs_dir
@@ -287,6 +287,17 @@ def clean_litter(out: Path, *, done: bool) -> list[Path]:
     return removed
 
 
+def checkpoint_hashes(state: dict[str, Any], variants: list[str], with_head: bool) -> dict[str, str]:
+    """sha256 of every checkpoint the finished run keeps, by path in the run folder (``topk_<r>`` is the
+    ``snap_<k>`` file it was renamed from)."""
+    written = state.get("sha256", {})
+    snap_of = {f"topk_{r}": f"snap_{k}" for r, (_, k) in enumerate(state["topk"])}
+    out = {f"checkpoints/{v}.safetensors": written.get(f"checkpoints/{snap_of.get(v, v)}.safetensors") for v in variants}
+    if with_head:
+        out["head.safetensors"] = written.get("head.safetensors")
+    return {k: v for k, v in out.items() if v}  # a resume state from before hashes: those files go unrecorded
+
+
 def read_final(out: Path) -> dict[str, Any] | None:
     """The state of a run whose training finished (``resume/final.json``), ``None`` before that."""
     file = out / "resume" / "final.json"
@@ -389,6 +400,8 @@ def _train(cfg: TrainConfig, out: Path, manifest: dict[str, Any], device_name: s
 
     def save_variant(name: str, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
         averaging.save_checkpoint(tensors, ckpt_dir / f"{name}.safetensors", dtype=dtype, metadata=dict(meta, ofa_variant=name))
+        # the file's content hash, recorded as it is written: readers verify it (ofa_lib.crossrun.find_runs)
+        state.setdefault("sha256", {})[f"checkpoints/{name}.safetensors"] = ckpt_io.file_sha256(ckpt_dir / f"{name}.safetensors")
 
     def evaluate_all(sets: list[evaluation.EvalSet], what: str) -> dict[tuple[str, str, str], dict[str, float]]:
         return {s.key: evaluation.score(model, s, cfg.task, batch_size=cfg.eval_batch_size, device=device,
@@ -464,6 +477,7 @@ def _train(cfg: TrainConfig, out: Path, manifest: dict[str, Any], device_name: s
         if cfg.head == "train":
             averaging.save_checkpoint({k: state_now[k] for k in prep.head_keys}, out / "head.safetensors",
                                       metadata=dict(meta, ofa_variant="head"))
+            state.setdefault("sha256", {})["head.safetensors"] = ckpt_io.file_sha256(out / "head.safetensors")
         state["step"] = step
         final = {"state": state, "manifest": {k: v for k, v in manifest.items() if k not in before},
                  "train_s": time.perf_counter() - t_train, "train_step_s": step_seconds, "trained_steps": step - start_step}
@@ -513,6 +527,7 @@ def _train(cfg: TrainConfig, out: Path, manifest: dict[str, Any], device_name: s
         trg_dev_snapshot=state["best_trg"][1] if state["best_trg"] else None,
         trg_dev_per_language={k: v[1] for k, v in state["best_lang"].items()},
         topk_snapshots=[s for _, s in state["topk"]],
+        checkpoint_sha256=checkpoint_hashes(state, variants, cfg.head == "train"),
         timings=dict(prep.timings, train_s=train_seconds, final_eval_s=time.perf_counter() - t_eval,
                      train_step_s=step_seconds,
                      train_examples_per_s=final["trained_steps"] * cfg.batch_size / max(step_seconds, 1e-9)),

@@ -322,3 +322,41 @@ def test_kill_at_every_write_of_the_final_phase_resumes_to_identical_metrics(fin
         shutil.rmtree(root)
     assert len(outcomes) >= 10
     print(f"{len(outcomes)} kill points:", *[f"after {e}: {o}" for e, o in outcomes.items()], sep="\n  ")
+
+
+# ----------------------------------------------------------------------------- corrupt checkpoints
+def test_checkpoints_carry_their_hash_and_a_changed_one_is_refused_naming_run_and_file(finished, tmp_path):
+    """Every kept checkpoint's sha256 is recorded as it is written; find_runs (the way every averaging,
+    measure and report step finds runs) refuses a run whose file changed, even by a finite amount."""
+    import shutil
+
+    from ofa_lib import ckpt_io, crossrun
+
+    cfg, out, _ = finished
+    recorded = json.loads((out / "manifest.json").read_text())["checkpoint_sha256"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert set(recorded) == {f"checkpoints/{v}.safetensors" for v in manifest["variants"]}
+    for name, digest in recorded.items():
+        assert ckpt_io.file_sha256(out / name) == digest
+    shutil.copytree(out, tmp_path / cfg.run_id)
+    assert len(crossrun.find_runs(tmp_path, "nli")) == 1
+    last = tmp_path / cfg.run_id / "checkpoints" / "last.safetensors"
+    state = averaging.load_checkpoint(last)
+    key = next(k for k in state if k.endswith("classifier.weight"))
+    state[key] = state[key] + 1e-3  # finite, plausible, silent
+    save_file(state, str(last), metadata=averaging.read_metadata(last))
+    with pytest.raises(ckpt_io.CorruptCheckpointError, match=rf"run {cfg.run_id}: .*last.safetensors is not the file the run wrote"):
+        crossrun.find_runs(tmp_path, "nli")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "header"])
+def test_a_damaged_checkpoint_is_named(finished, tmp_path, damage):
+    _, out, _ = finished
+    data = (out / "checkpoints" / "ca.safetensors").read_bytes()
+    bad = tmp_path / "ca.safetensors"
+    bad.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"\xff" * 8 + data[8:])
+    from ofa_lib import ckpt_io
+
+    for read in (ckpt_io.checkpoint_info, ckpt_io.load_checkpoint, ckpt_io.TensorReader):
+        with pytest.raises(ckpt_io.CorruptCheckpointError, match=re.escape(str(bad))):
+            read(bad)
