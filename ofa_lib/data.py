@@ -612,7 +612,14 @@ def _label_mapper(where: str, column: str, feature: Any, targets: dict[str, int]
 
     if names is not None:
         table = [by_name(n) for n in names]
-        return lambda v: None if v is None or v < 0 else table[v]
+
+        def named(v: Any) -> int | None:
+            if v is None or v < 0:
+                return None
+            if v >= len(table):
+                raise DataError(f"{where}: column {column!r} holds id {v}; its ClassLabel has {len(table)} names")
+            return table[v]
+        return named
 
     def plain(v: Any) -> int | None:
         if isinstance(v, str):

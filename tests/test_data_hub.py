@@ -160,7 +160,7 @@ def test_hub_grid_plan_without_data_fails_in_seconds_naming_the_fetch(tmp_path):
     seconds = time.perf_counter() - start
     assert proc.returncode == 2, proc.stderr
     assert "sib200/eng_Latn/train" in proc.stderr and "ofa-data fetch sib200" in proc.stderr
-    assert "Traceback" not in proc.stderr and seconds < 60
+    assert "Traceback" not in proc.stderr and seconds < 90  # wall: mostly importing torch on a shared 2-core machine
 
 
 def test_hub_fetch_check_round_trip(hub_only, tmp_path, capsys, monkeypatch):
