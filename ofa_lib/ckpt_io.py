@@ -32,7 +32,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ofa_lib.io import atomic_path
+from ofa_lib.io import atomic_path, file_sha256  # noqa: F401 (re-exported: ckpt_io.file_sha256)
 
 PathLike = str | os.PathLike
 StateDict = dict[str, torch.Tensor]
@@ -318,15 +318,6 @@ def row_blocks(shape: Sequence[int], block: int | None = None) -> list[slice | N
     step = max(1, block // per_row)
     return [slice(a, min(a + step, shape[0])) for a in range(0, shape[0], step)]
 
-
-
-def file_sha256(path: PathLike, chunk: int = 1 << 24) -> str:
-    """sha256 (hex) of a file's bytes, read in 16 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 @functools.lru_cache(maxsize=4096)

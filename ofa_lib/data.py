@@ -38,7 +38,6 @@ from __future__ import annotations
 import copy
 import csv
 import functools
-import hashlib
 import io
 import json
 import logging
@@ -53,6 +52,7 @@ import datasets
 import numpy as np
 
 from . import hub
+from .io import file_sha256
 from .paths import REPO_ROOT
 
 logger = logging.getLogger(__name__)
@@ -766,15 +766,6 @@ def _features(name: str, map_date_to_o: bool) -> datasets.Features:
         )
     names = SIB_TOPICS if task == "sib" else SENTIMENT_LABELS
     return datasets.Features({"text": string, "label": datasets.ClassLabel(names=names)})
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 hex digest of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @functools.lru_cache(maxsize=None)

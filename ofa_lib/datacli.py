@@ -22,7 +22,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from . import data, hub
-from .io import write_json, write_text
+from .io import file_sha256, write_json, write_text
 
 MANIFEST = "ofa-data.json"
 
@@ -155,7 +155,7 @@ def fetch(names: list[str], to: str | Path, langs: list[str] | None = None, *, f
         paths = data.mirror_files(dataset, root, lang, split)
         rels = [str(p.relative_to(root)) for p in paths]
         recorded = [manifest["files"].get(r) for r in rels]
-        if not force and all(rec and p.is_file() and data.file_sha256(p) == rec["sha256"]
+        if not force and all(rec and p.is_file() and file_sha256(p) == rec["sha256"]
                              for rec, p in zip(recorded, paths)):
             rows.append({"dataset": dataset, "lang": lang, "split": split, "examples": recorded[0]["examples"],
                          "state": "present", "file": rels[0]})
@@ -171,7 +171,7 @@ def fetch(names: list[str], to: str | Path, langs: list[str] | None = None, *, f
         for path, rel, text in zip(paths, rels, texts.values()):
             write_text(path, text)  # atomic per file: a kill leaves the old file or none
             manifest["files"][rel] = {"dataset": dataset, "lang": lang, "split": split, "examples": len(ds),
-                                      "sha256": data.file_sha256(path), "bytes": path.stat().st_size,
+                                      "sha256": file_sha256(path), "bytes": path.stat().st_size,
                                       "fields_with_whitespace_replaced": fixed, "source": source,
                                       "fetched": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         if dataset == "sib200":
@@ -204,7 +204,7 @@ def check(root: str | Path) -> list[dict[str, Any]]:
                                        "expected": KNOWN_SIZES.get((dataset, lang, split))}
                 bad_hash = [str(p.relative_to(root)) for p in paths
                             if str(p.relative_to(root)) in manifest["files"]
-                            and manifest["files"][str(p.relative_to(root))]["sha256"] != data.file_sha256(p)]
+                            and manifest["files"][str(p.relative_to(root))]["sha256"] != file_sha256(p)]
                 try:
                     columns, _ = data._PARSERS[dataset](paths, {"map_date_to_o": True})
                     row["examples"] = len(next(iter(columns.values())))

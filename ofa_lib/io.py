@@ -9,6 +9,7 @@ two environment variables instrument them: ``OFA_IO_TRACE=<file>`` appends one l
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -101,3 +102,12 @@ def write_parquet(path: str | os.PathLike, frame: "Any") -> None:
     """Atomically write a pandas DataFrame as Parquet."""
     with atomic_path(path) as tmp:
         frame.to_parquet(tmp, index=False)
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
+    """sha256 (hex) of a file's bytes, read in 16 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
