@@ -12,7 +12,7 @@ SHELL := /bin/bash
 # pip.conf on these machines names index folders that may not exist: hide that noise only
 QUIET := 2>&1 | { grep -v 'is ignored' || true; }
 
-.PHONY: install test demo demo-sam demo-unfreezing reproduce-paper bench clean-outputs
+.PHONY: gpu-check install test demo demo-sam demo-unfreezing reproduce-paper bench clean-outputs
 
 install: $(STAMP)
 
@@ -63,3 +63,8 @@ bench: install
 
 clean-outputs:
 	rm -rf outputs/runs outputs/results outputs/reports outputs/data
+
+# On a GPU machine only (never in CI): sets itself up (CUDA torch for this GPU), ≤ 8 min, writes
+# benchmarks/raw/gpu_*.json, training_cuda_*.json, cost_cuda.json and RESULTS.md
+gpu-check:
+	bash benchmarks/gpu_check.sh

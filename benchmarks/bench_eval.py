@@ -1,7 +1,7 @@
 """Evaluation throughput: length-sorted dynamic batching vs padding every batch to max_length.
 
 Real XNLI test pairs (``--langs``, ``--n`` per language, the ``cpu`` preset's featurization:
-max_length 128, trimmed vocabulary) scored by the embedded model under bf16 autocast (as the
+max_length 128, trimmed vocabulary) scored by the embedded model under the precision ``auto`` picks (as the
 ``cpu`` preset evaluates), batch size 64, three ways over the same featurized rows:
 
   sorted-dynamic   ``ofa_lib.evaluation.predict``: batches of similar length (longest first),
@@ -91,7 +91,8 @@ def main(argv: list[str] | None = None) -> None:
                                  target_langs={"xnli": args.langs}, **extra)
         prep = training.prepare(cfg)
     model = prep.model.to(device).eval()
-    autocast = training.AUTOCAST.get(cfg.precision)
+    precision = training.resolve_precision(cfg.precision, torch.device(device))[0]
+    autocast = training.AUTOCAST.get(precision)
     sets = prep.test_sets
     n_rows = sum(len(s.rows) for s in sets)
     lengths = [len(r["input_ids"]) for s in sets for r in s.rows]
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     dev_name = args.device if args.device == "cpu" else f"cuda ({torch.cuda.get_device_name(0)})"
     text = (
         f"XNLI test, {', '.join(args.langs)} ({args.n} pairs each, {n_rows} rows; mean length "
-        f"{np.mean(lengths):.1f} tokens, max {max(lengths)}, max_length {args.max_length}), {what}, bf16 autocast, "
+        f"{np.mean(lengths):.1f} tokens, max {max(lengths)}, max_length {args.max_length}), {what}, precision {precision}, "
         f"batch {args.batch_size}, device {dev_name}, {args.threads} CPU threads; {args.reps} repetitions, median "
         f"(min–max), after one untimed warm-up pass.\n\n{table}\n\n"
         f"Length-sorted dynamic batching runs at **{r_pad:.2f}×** the examples/s of padding to max_length and "

@@ -2,12 +2,12 @@
 
 Identical model (default: the embedded model, trimmed vocabulary, frozen word embeddings, as the
 ``cpu`` preset), data (the same featurized MultiNLI rows, fed to both in the same batches and
-order), batch size, max length, bf16 autocast, optimizer recipe (fused AdamW, linear warm-up and
+order), batch size, max length, precision (``auto``: what the hardware runs natively), optimizer recipe (fused AdamW, linear warm-up and
 decay, clipping), threads and steps. Throughput = examples/s from the end of step 1 to the end of
 the last step (step 1, which warms up allocators, is excluded for both); median of --repeats
 (min–max); the two loops alternate which goes first.
 
-On a GPU: ``--device cuda`` (bf16 autocast on CUDA; Trainer with ``bf16=True``), and
+On a GPU: ``--device cuda`` (bf16 autocast from compute capability 8.0, else fp16; Trainer with the same), and
 ``--random-model xlmr-large`` for XLM-R-large-sized random weights built from a config (the
 paper's model shape; full vocabulary, nothing frozen). ``--random-model tiny`` checks that path
 on a CPU in seconds.
@@ -44,6 +44,7 @@ def trainer(cfg, root: Path, device: str) -> float:
     from ofa_lib import training
 
     prep = training.prepare(cfg)
+    precision = training.resolve_precision(cfg.precision, torch.device(device))[0]
     stamps: list[float] = []
 
     class Clock(TrainerCallback):
@@ -54,15 +55,17 @@ def trainer(cfg, root: Path, device: str) -> float:
 
     steps = len(prep.train) // cfg.batch_size
     args = TrainingArguments(
-        output_dir=str(root / "trainer"), per_device_train_batch_size=cfg.batch_size, max_steps=steps,
+        output_dir=str(root / "trainer"), per_device_train_batch_size=cfg.batch_size // cfg.grad_accum_steps,
+        gradient_accumulation_steps=cfg.grad_accum_steps, max_steps=steps,
         learning_rate=cfg.lr, weight_decay=cfg.weight_decay, warmup_steps=round(cfg.warmup_ratio * steps),
         max_grad_norm=cfg.max_grad_norm, lr_scheduler_type="linear", logging_strategy="no", save_strategy="no",
-        eval_strategy="no", report_to=[], use_cpu=device == "cpu", bf16=cfg.precision == "bf16",
+        eval_strategy="no", report_to=[], use_cpu=device == "cpu", bf16=precision == "bf16", fp16=precision == "fp16",
         dataloader_num_workers=0, seed=cfg.seed, disable_tqdm=True, optim="adamw_torch_fused",
     )
     # the same batches as ofa_lib's first epoch, in the same order (padding cost depends on the batches)
     order = torch.randperm(len(prep.train), generator=torch.Generator().manual_seed(cfg.seed * 1000)).tolist()
-    train = prep.train.select_columns(["input_ids", "attention_mask", "labels"]).select(order)
+    columns = ["input_ids", "attention_mask"] + (["start_positions", "end_positions"] if cfg.task == "qa" else ["labels"])
+    train = prep.train.select_columns(columns).select(order)
 
     class InOrder(Trainer):
         def _get_train_sampler(self, *args, **kwargs):
@@ -81,6 +84,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--task", default="nli", choices=["nli", "qa"], help="qa: TyDiQA windows (the QA shapes)")
+    parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (batch size stays)")
     _c.add_model_args(parser)
     _c.add_output_args(parser, "training")
     args = parser.parse_args(argv)
@@ -88,9 +93,10 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--steps must be >= 3 and --repeats >= 1")
     _c.check_device(parser, args.device)
     torch.set_num_threads(args.threads)
-    from ofa_lib import config
+    from ofa_lib import config, training
 
     results: dict[str, list[float]] = {"ofa_lib": [], "transformers.Trainer": []}
+    peaks: dict[str, list[float]] = {"ofa_lib": [], "transformers.Trainer": []}  # CUDA: GiB allocated at peak
     with tempfile.TemporaryDirectory(prefix="bench_training_") as models_tmp:
         extra: dict = {}
         what = "embedded model (trimmed vocab, frozen word embeddings)"
@@ -99,22 +105,32 @@ def main(argv: list[str] | None = None) -> None:
             extra = dict(model_name=str(path), trim_vocab=False, freeze_embeddings=False)
             what = f"random {args.random_model}-sized XLM-R weights (full vocabulary, nothing frozen)"
         for rep in range(args.repeats):
+            targets = {"xnli": ["de"]} if args.task == "nli" else {"tydiqa_goldp": ["sw"], "xquad": ["de"]}
             cfg = config.make_config(
-                "nli", "cpu", batch_size=args.batch_size, max_length=args.max_length, seed=rep + 1, epochs=1,
+                args.task, "cpu", batch_size=args.batch_size, max_length=args.max_length, seed=rep + 1, epochs=1,
                 train_subsample=args.steps * args.batch_size, num_snapshots=1, dev_subsample=8, test_subsample=8,
-                target_langs={"xnli": ["de"]}, save_resume_state=False, **extra)
+                target_langs=targets, save_resume_state=False, grad_accum_steps=args.grad_accum,
+                **(dict(doc_stride=min(128, args.max_length // 2)) if args.task == "qa" else {}), **extra)
             with tempfile.TemporaryDirectory() as tmp:
                 # alternate the order so neither side always runs on a warmer machine
                 for name in (("ofa_lib", "transformers.Trainer") if rep % 2 == 0 else ("transformers.Trainer", "ofa_lib")):
                     fn = ours if name == "ofa_lib" else trainer
+                    if args.device == "cuda":
+                        torch.cuda.reset_peak_memory_stats()
                     results[name].append(fn(cfg, Path(tmp) / name, args.device))
+                    if args.device == "cuda":
+                        peaks[name].append(torch.cuda.max_memory_allocated() / 2**30)
                     print(f"repeat {rep + 1}: {name} {results[name][-1]:.1f} examples/s", flush=True)
+    precision = training.resolve_precision("auto", torch.device(args.device))[0]
     r = _c.ratio(results["ofa_lib"], results["transformers.Trainer"])
     per_rep = [a / b for a, b in zip(results["ofa_lib"], results["transformers.Trainer"])]
     device = args.device if args.device == "cpu" else f"cuda ({torch.cuda.get_device_name(0)})"
-    table = _c.md_table(["loop", "examples/s"], [(k, _c.fmt(v, 1)) for k, v in results.items()], "lr")
+    table = _c.md_table(["loop", "examples/s"] + (["peak GiB"] if args.device == "cuda" else []),
+                        [(k, _c.fmt(v, 1)) + ((_c.fmt(peaks[k], 1),) if args.device == "cuda" else ())
+                         for k, v in results.items()], "lr" + ("r" if args.device == "cuda" else ""))
+    what += f", task {args.task}" + (f", {args.grad_accum} micro-batches per step" if args.grad_accum > 1 else "")
     text = (
-        f"MultiNLI, {what}, bf16 autocast, batch {args.batch_size}, max_length {args.max_length}, device {device}, "
+        f"MultiNLI, {what}, precision {precision}, batch {args.batch_size}, max_length {args.max_length}, device {device}, "
         f"{args.threads} CPU threads, {args.steps} steps per loop (step 1 excluded); {args.repeats} repetitions, "
         f"median (min–max).\n\n{table}\n\n"
         f"Ratio ofa_lib / Trainer = **{r:.2f}** (per repetition: {', '.join(f'{x:.2f}' for x in per_rep)}; "
@@ -133,13 +149,14 @@ def main(argv: list[str] | None = None) -> None:
     summary = [_c.summary_row(f"training throughput ({args.device}, examples/s)", _c.fmt(a, 1),
                               f"transformers.Trainer: {_c.fmt(b, 1)}", f"{r:.2f}×",
                               "≥ 1.0", "met" if r >= 1.0 else "missed", why)]
-    name = "training" if args.device == "cpu" and not args.random_model else "training_" + (
-        args.device + (f"_{args.random_model}" if args.random_model else ""))
+    name = "training" if args.device == "cpu" and not args.random_model and args.task == "nli" and args.grad_accum == 1 \
+        else "training_" + args.device + (f"_{args.random_model}" if args.random_model else "") + \
+        (f"_{args.task}{args.max_length}" if args.task != "nli" else "") + (f"_accum{args.grad_accum}" if args.grad_accum > 1 else "")
     json_path = _c.json_target(args.json)
     if json_path == _c.RAW_DIR / "training.json" and name != "training":
         json_path = _c.RAW_DIR / f"{name}.json"
     _c.write_result(name=name, title=f"Training throughput ({device})", markdown=text, summary=summary,
-                    data={"examples_per_s": results, "ratio": r, "per_rep_ratio": per_rep, "steps": args.steps,
+                    data={"examples_per_s": results, "peak_gib": peaks, "ratio": r, "per_rep_ratio": per_rep, "steps": args.steps,
                           "batch_size": args.batch_size, "max_length": args.max_length, "threads": args.threads,
                           "device": device, "random_model": args.random_model},
                     started=started, json_path=json_path, md_path=args.out)

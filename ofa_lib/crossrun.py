@@ -576,9 +576,9 @@ def execute_pass(plan: CrossRunPlan, store: _Store, *, keep_checkpoints: bool = 
             prep = training.prepare(cfg)
             if needs_base:  # θ₀ is the skeleton before any merge is loaded into it
                 _write_base(prep, base_file, plan)
-            dev = torch.device(device) if device else training.pick_device(cfg.precision)
+            dev, precision, _ = training.resolve_runtime(cfg, device)  # the runs' precision rule, on this machine
             skeleton.update(model=prep.model.to(dev).eval(), sets=prep.dev_sets[:1] + prep.test_sets, device=dev,
-                            autocast=training.AUTOCAST.get(cfg.precision))
+                            autocast=training.AUTOCAST.get(precision))
             del prep
             stats["setup_seconds"] = round(time.perf_counter() - t0, 2)
         return skeleton

@@ -48,12 +48,20 @@ NOTEBOOKS = REPO_ROOT / "notebooks"
 TRAIN_NOTEBOOK = "02_train.ipynb"
 NOTEBOOK_ONLY = ("device", "threads")  # 02_train parameters that do not change results (not in the run id)
 DEFAULT_PIPELINE = [{"notebook": "03_average.ipynb"}, {"notebook": "04_analysis.ipynb", "html": "report.html"}]
-STATES = ("todo", "queued", "running", "done", "failed")
+STATES = ("todo", "queued", "running", "done", "failed", "cancelled", "skipped")
 TOP_KEYS = {"name", "description", "task", "preset", "grid", "train", "head_tuning", "data_prep", "pipeline", "resources"}
 RESOURCE_KEYS = {"workers", "slurm", "stall_timeout", "run_timeout"}
 STALL_TIMEOUT_S = 1800.0  # default resources.stall_timeout: seconds without progress before a run is given up
-SLURM_KEYS = {"partition", "account", "gpus_per_run", "cpus_per_task", "mem", "time", "max_concurrent", "setup",
-              "extra_args"}
+SLURM_KEYS = {"partition", "account", "qos", "gpus_per_run", "cpus_per_task", "mem", "time", "max_concurrent", "setup",
+              "extra_args", "signal_before_s"}
+STEP_RESOURCE_KEYS = {"gpus", "cpus", "mem", "time"}
+# Pipeline notebooks that evaluate models (a GPU job of their own on SLURM, sized like a training task); the
+# others (04_analysis, 01_data_prep) only read tables: a small CPU job.
+EVALUATING_NOTEBOOKS = ("03_average.ipynb", "05_measures.ipynb", "06_unfreezing.ipynb")
+SMALL_JOB = {"gpus": 0, "cpus": 1, "mem": "4G", "time": "02:00:00"}
+# sbatch options the backend sets itself: extra_args may not override them
+OWN_SBATCH_OPTIONS = ("--array", "--output", "--error", "--dependency", "--job-name", "--parsable", "--requeue",
+                      "--no-requeue", "--signal", "--kill-on-invalid-dep", "--wrap")
 
 
 class GridError(ValueError):
@@ -68,6 +76,7 @@ class Step:
     notebook: str
     parameters: dict[str, Any] = field(default_factory=dict)
     html: str | None = None
+    resources: dict[str, Any] = field(default_factory=dict)  # SLURM job: gpus, cpus, mem, time (see step_resources)
 
 
 @dataclass
@@ -79,8 +88,10 @@ class Slurm:
     mem: str = "64G"
     time: str = "12:00:00"
     max_concurrent: int = 16
-    setup: str = ""
+    setup: list[str] = field(default_factory=list)  # shell lines run after `cd` to the repository (one line each)
     extra_args: list[str] = field(default_factory=list)
+    qos: str | None = None
+    signal_before_s: int = 300  # --signal=B:USR1@<s>: a training task writes its resume state and is requeued
 
 
 @dataclass
@@ -264,7 +275,7 @@ def load_grid(grid: str | Path) -> Grid:
     for i, raw in enumerate(spec.get("pipeline") or DEFAULT_PIPELINE):
         if not isinstance(raw, dict) or "notebook" not in raw:
             raise _err(path, f"pipeline[{i}]", "expected a mapping with 'notebook' (and optional 'parameters', 'html')")
-        extra = sorted(set(raw) - {"notebook", "parameters", "html"})
+        extra = sorted(set(raw) - {"notebook", "parameters", "html", "resources"})
         if extra:
             raise _err(path, f"pipeline[{i}]", f"unknown key(s) {extra}")
         nb = NOTEBOOKS / raw["notebook"]
@@ -281,7 +292,8 @@ def load_grid(grid: str | Path) -> Grid:
                 merging.parse_methods(raw["parameters"]["methods"])
             except merging.MergeSpecError as err:
                 raise GridError(f"{path}: field pipeline[{i}].parameters.{err}") from None  # err names methods.<...>
-        steps.append(Step(raw["notebook"], dict(raw.get("parameters") or {}), raw.get("html")))
+        steps.append(Step(raw["notebook"], dict(raw.get("parameters") or {}), raw.get("html"),
+                          _step_resources(path, f"pipeline[{i}].resources", raw.get("resources"))))
 
     resources = spec.get("resources") or {}
     if not isinstance(resources, dict):
@@ -292,21 +304,7 @@ def load_grid(grid: str | Path) -> Grid:
     workers = resources.get("workers", 1)
     if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
         raise _err(path, "resources.workers", f"{workers!r}: expected a positive integer")
-    slurm_spec = resources.get("slurm") or {}
-    if not isinstance(slurm_spec, dict):
-        raise _err(path, "resources.slurm", f"{slurm_spec!r}: expected a mapping of SLURM settings")
-    bad = sorted(set(slurm_spec) - SLURM_KEYS)
-    if bad:
-        raise _err(path, f"resources.slurm.{bad[0]}", f"unknown; known: {sorted(SLURM_KEYS)}")
-    slurm = Slurm(**slurm_spec)
-    for key in ("gpus_per_run", "cpus_per_task", "max_concurrent"):
-        value = getattr(slurm, key)
-        if not isinstance(value, int) or isinstance(value, bool) or value < (0 if key == "gpus_per_run" else 1):
-            raise _err(path, f"resources.slurm.{key}", f"{value!r}: expected a {'non-negative' if key == 'gpus_per_run' else 'positive'} integer")
-    if not re.fullmatch(r"(\d+-)?\d{1,2}(:\d{2}){0,2}", str(slurm.time)):
-        raise _err(path, "resources.slurm.time", f"{slurm.time!r}: expected SLURM's [D-]HH:MM:SS")
-    if not re.fullmatch(r"\d+[KMGT]?", str(slurm.mem)):
-        raise _err(path, "resources.slurm.mem", f"{slurm.mem!r}: expected e.g. 64G")
+    slurm = _slurm_spec(path, resources.get("slurm") or {})
 
     timeouts = {}
     for key, default in (("stall_timeout", STALL_TIMEOUT_S), ("run_timeout", None)):
@@ -318,6 +316,96 @@ def load_grid(grid: str | Path) -> Grid:
                 head_tuning, data_prep, steps, workers, slurm, blocks, **timeouts)
     grid.runs = _plan_runs(grid)
     return grid
+
+
+# --------------------------------------------------------------------------- SLURM values (they go into scripts)
+_SLURM_NAME = re.compile(r"[A-Za-z0-9_.,+-]+")  # partition (or a comma list), account, qos
+_SLURM_TIME = re.compile(r"(\d+-)?\d{1,2}(:\d{2}){0,2}")
+_SLURM_MEM = re.compile(r"\d+[KMGT]?")
+_SBATCH_ARG = re.compile(r"--[A-Za-z][A-Za-z0-9-]*(=[^\s'\"`\\]+)?")
+_UNSAFE_SHELL = re.compile(r"[\n\r\x00'\"`\\]")
+
+
+def _slurm_spec(path: Path, spec: Any) -> Slurm:
+    """``resources.slurm`` validated: every value that is written into a job script is checked, so a newline or a
+    quote becomes a :class:`GridError` naming the field, never a line of shell."""
+    if not isinstance(spec, dict):
+        raise _err(path, "resources.slurm", f"expected a mapping, got {type(spec).__name__}")
+    bad = sorted(set(spec) - SLURM_KEYS)
+    if bad:
+        raise _err(path, f"resources.slurm.{bad[0]}", f"unknown; known: {sorted(SLURM_KEYS)}")
+    values = dict(spec)
+    setup = values.get("setup", [])
+    if isinstance(setup, str):
+        setup = [setup] if setup.strip() else []
+    if not isinstance(setup, list) or not all(isinstance(x, str) for x in setup):
+        raise _err(path, "resources.slurm.setup", f"{setup!r}: expected a shell line or a list of shell lines")
+    for i, line in enumerate(setup):
+        if _UNSAFE_SHELL.search(line.strip()):
+            raise _err(path, f"resources.slurm.setup[{i}]", f"{line!r}: one shell line without quotes, backslashes or "
+                       "newlines expected (give several lines as a YAML list)")
+    values["setup"] = [line.strip() for line in setup if line.strip()]
+    extra = values.get("extra_args", [])
+    if not isinstance(extra, list) or not all(isinstance(x, str) for x in extra):
+        raise _err(path, "resources.slurm.extra_args", f"{extra!r}: expected a list of sbatch options")
+    for i, arg in enumerate(extra):
+        if not _SBATCH_ARG.fullmatch(arg):
+            raise _err(path, f"resources.slurm.extra_args[{i}]", f"{arg!r}: expected one sbatch option --name[=value] "
+                       "(no spaces, quotes, backslashes or newlines)")
+        if arg.split("=")[0] in OWN_SBATCH_OPTIONS:
+            raise _err(path, f"resources.slurm.extra_args[{i}]", f"{arg!r}: the backend sets {arg.split('=')[0]} itself")
+    slurm = Slurm(**values)
+    for key in ("gpus_per_run", "cpus_per_task", "max_concurrent", "signal_before_s"):
+        value = getattr(slurm, key)
+        low = 0 if key in ("gpus_per_run", "signal_before_s") else 1
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise _err(path, f"resources.slurm.{key}", f"{value!r}: expected a {'non-negative' if low == 0 else 'positive'} integer")
+    for key in ("partition", "account", "qos"):
+        value = getattr(slurm, key)
+        if value is not None and not (isinstance(value, str) and _SLURM_NAME.fullmatch(value)):
+            raise _err(path, f"resources.slurm.{key}", f"{value!r}: expected a SLURM name (letters, digits, _ . , + -)")
+    if not _SLURM_TIME.fullmatch(str(slurm.time)):
+        raise _err(path, "resources.slurm.time", f"{slurm.time!r}: expected SLURM's [D-]HH:MM:SS")
+    if not _SLURM_MEM.fullmatch(str(slurm.mem)):
+        raise _err(path, "resources.slurm.mem", f"{slurm.mem!r}: expected e.g. 64G")
+    return slurm
+
+
+def _step_resources(path: Path, where: str, spec: Any) -> dict[str, Any]:
+    """A pipeline step's own ``resources`` (gpus, cpus, mem, time), validated like ``resources.slurm``."""
+    if spec is None:
+        return {}
+    if not isinstance(spec, dict):
+        raise _err(path, where, f"expected a mapping with {sorted(STEP_RESOURCE_KEYS)}")
+    bad = sorted(set(spec) - STEP_RESOURCE_KEYS)
+    if bad:
+        raise _err(path, f"{where}.{bad[0]}", f"unknown; known: {sorted(STEP_RESOURCE_KEYS)}")
+    for key in ("gpus", "cpus"):
+        if key in spec and (not isinstance(spec[key], int) or isinstance(spec[key], bool) or spec[key] < (0 if key == "gpus" else 1)):
+            raise _err(path, f"{where}.{key}", f"{spec[key]!r}: expected a {'non-negative' if key == 'gpus' else 'positive'} integer")
+    if "time" in spec and not _SLURM_TIME.fullmatch(str(spec["time"])):
+        raise _err(path, f"{where}.time", f"{spec['time']!r}: expected SLURM's [D-]HH:MM:SS")
+    if "mem" in spec and not _SLURM_MEM.fullmatch(str(spec["mem"])):
+        raise _err(path, f"{where}.mem", f"{spec['mem']!r}: expected e.g. 64G")
+    return dict(spec)
+
+
+def _mem_mb(mem: str) -> float:
+    return float(mem[:-1]) * {"K": 1 / 1024, "M": 1, "G": 1024, "T": 1024 ** 2}[mem[-1]] if mem[-1] in "KMGT" else float(mem)
+
+
+def step_resources(grid: Grid, step: Step | None) -> dict[str, Any]:
+    """The SLURM job of a pipeline step (``None``: 01_data_prep): evaluating notebooks (03_average, 05, 06) get a
+    job like a training task's, GPU included; 04_analysis and 01_data_prep a small CPU job (no larger than a
+    training task's); the step's own ``resources`` win."""
+    s = grid.slurm
+    if step is not None and step.notebook in EVALUATING_NOTEBOOKS:
+        out = {"gpus": s.gpus_per_run, "cpus": s.cpus_per_task, "mem": s.mem, "time": s.time}
+    else:
+        out = dict(SMALL_JOB, cpus=min(SMALL_JOB["cpus"], s.cpus_per_task),
+                   mem=SMALL_JOB["mem"] if _mem_mb(SMALL_JOB["mem"]) <= _mem_mb(s.mem) else s.mem)
+    out.update(step.resources if step is not None else {})
+    return out
 
 
 def _plan_runs(grid: Grid) -> list[Run]:
@@ -391,6 +479,9 @@ def plan_table(grid: Grid, with_scheduler: bool = True) -> "pd.DataFrame":
             state = "queued"
         elif job and state == "todo" and job["state"] in ("RUNNING", "COMPLETING"):
             state = "running"
+        why = _slurm_why(grid, run, job) if job and state == "todo" and job["state"] in ("GONE", "CANCELLED") else None
+        if why:
+            state, row["error"] = why
         row["state"] = state
         if job:
             row["job"] = job["job_id"]
@@ -503,6 +594,20 @@ class Watchdog:
         self.progress_file.unlink(missing_ok=True)
 
 
+def _slurm_why(grid: Grid, run: Run, job: dict[str, str]) -> tuple[str, str] | None:
+    """Why a submitted run whose job has left the queue is still not done: ``("cancelled", …)`` when the head-tuning
+    run it waited for failed (SLURM cancelled the array), ``("skipped", …)`` when its task found the run held by
+    another live task; ``None`` when there is nothing to say."""
+    heads = [r for r in grid.runs if r.role == "head"]
+    if run.role != "head" and heads and failure_path(heads[0]).is_file():
+        error = json.loads(failure_path(heads[0]).read_text()).get("error", "")[:100]
+        return "cancelled", f"head-tuning run {heads[0].run_id} failed ({error}): its dependents were cancelled"
+    record = locks.read(skipped_path(grid, run))  # a JSON reader that tolerates a missing file
+    if record and record.get("job_id") == job["job_id"]:
+        return "skipped", f"task {job['job_id']} skipped it: {record.get('held_by')}"
+    return None
+
+
 # --------------------------------------------------------------------------- executing notebooks
 def temp_notebook(out: Path) -> Path:
     """Where papermill writes ``out`` while it runs: a name unique to this process (two runners never share it)."""
@@ -549,7 +654,7 @@ def execute_notebook(notebook: str | Path, out: Path, parameters: dict[str, Any]
 @dataclass
 class Outcome:
     run_id: str
-    state: str  # done | failed | skipped-done | skipped-running
+    state: str  # done | failed | interrupted | skipped-done | skipped-running
     seconds: float = 0.0
     error: str = ""
 
@@ -560,7 +665,9 @@ def run_one(grid: Grid, run: Run, *, threads: int | None = None) -> Outcome:
 
     lock = locks.acquire(lock_path(grid, run))
     if lock is None:
-        return Outcome(run.run_id, "skipped-running")
+        held = locks.read(lock_path(grid, run)) or {}
+        return Outcome(run.run_id, "skipped-running", error=f"held by job {held.get('job_id')} "
+                       f"(host {held.get('host')}, pid {held.get('pid')})")
     start = time.time()
     with lock:
         if training.is_done(run.cfg, run.root):
@@ -576,6 +683,8 @@ def run_one(grid: Grid, run: Run, *, threads: int | None = None) -> Outcome:
         except Exception as exc:  # papermill's PapermillExecutionError carries the cell's error
             error = str(exc).split(": ", 1)[1] if isinstance(exc, Stalled) else \
                 f"{getattr(exc, 'ename', type(exc).__name__)}: {getattr(exc, 'evalue', exc)}"
+            if getattr(exc, "ename", "") == "RunInterrupted":  # stopped on a signal, state written: not a failure
+                return Outcome(run.run_id, "interrupted", time.time() - start, error)
             write_json(failure_path(run), {
                 "run_id": run.run_id, "params": params, "error": error, "traceback": traceback.format_exc()[-4000:],
                 "notebook": str(run.dir / "02_train.failed.ipynb"), "job_id": lock.info.get("job_id"),
@@ -587,18 +696,93 @@ def run_one(grid: Grid, run: Run, *, threads: int | None = None) -> Outcome:
     return Outcome(run.run_id, "done", time.time() - start)
 
 
+def _signal_descendants(sig: int) -> list[int]:
+    """Send ``sig`` to every process this one started (the notebook kernels: they run in their own session,
+    so a signal to the job's batch shell alone would not reach them)."""
+    sent = []
+    for pid in _children(os.getpid()):
+        try:
+            os.kill(pid, sig)
+            sent.append(pid)
+        except (ProcessLookupError, PermissionError):
+            pass
+    return sent
+
+
+def skipped_path(grid: Grid, run: Run) -> Path:
+    return grid.state_dir / "skipped" / f"{run.run_id}.json"
+
+
+def run_task(grid: Grid, run: Run, *, threads: int | None = None) -> int:
+    """``run-one``, the body of a SLURM task: train one run (:func:`run_one`). SIGUSR1 (``--signal`` before the
+    time limit) and SIGTERM (preemption, ``scontrol requeue``) are passed to the kernel, whose training loop
+    writes its resume state and stops; then a task told by SIGUSR1 requeues itself (``scontrol requeue``) so
+    that its next start resumes. A run held by another live task is recorded as skipped (``grid status``
+    shows it). Exit status: 1 when the run failed, else 0."""
+    got: list[int] = []
+
+    def forward(signum, frame):  # noqa: ARG001
+        got.append(signum)
+        sent = _signal_descendants(signum)
+        print(f"run-one: {signal.Signals(signum).name} passed to {len(sent)} process(es) below me", flush=True)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGUSR1, signal.SIGTERM)}
+    try:
+        outcome = run_one(grid, run, threads=threads)
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+    print(f"run {run.run_id}: {outcome.state} {outcome.error}", flush=True)
+    job = locks.job_id()
+    if outcome.state == "skipped-running":
+        write_json(skipped_path(grid, run), {"run_id": run.run_id, "job_id": job, "host": platform.node(),
+                                             "held_by": outcome.error, "time": time.time()})
+    if outcome.state == "interrupted" and signal.SIGUSR1 in got and job:
+        proc = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+        print(f"run-one: requeued {job} to resume: {(proc.stderr or proc.stdout).strip() or 'ok'}", flush=True)
+    return 1 if outcome.state == "failed" else 0
+
+
+_STOPPING: list[int] = []  # in a pool worker: the signals that asked the runner to stop
+
+
 def _die_with_parent() -> None:
-    """Pool initializer: a worker (and so its kernel) dies when the runner is killed, even by SIGKILL."""
+    """Pool initializer: a worker (and so its kernel) dies when the runner is killed, even by SIGKILL; SIGTERM
+    and SIGINT make it stop gracefully instead (see :func:`_worker_stop`)."""
     try:
         ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except OSError:
         pass
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _worker_stop)
+
+
+def _worker_stop(signum, frame) -> None:  # noqa: ARG001
+    """A pool worker told to stop: pass SIGTERM to its kernel (its training loop writes the resume state and
+    stops), keep passing it every 2 s (a kernel still starting up gets it too), start no further run."""
+    if not _STOPPING:
+        import threading
+
+        def repeat() -> None:
+            while True:
+                _signal_descendants(signal.SIGTERM)
+                time.sleep(2.0)
+
+        threading.Thread(target=repeat, daemon=True, name="pass SIGTERM to the kernel").start()
+    _STOPPING.append(signum)
 
 
 def _pool_task(grid_path: str, run_id: str, threads: int | None, outputs: str) -> Outcome:
+    if _STOPPING:
+        return Outcome(run_id, "interrupted", error="not started: the runner was stopping")
     os.environ["OFA_OUTPUTS"] = outputs
     grid = load_grid(grid_path)
-    return run_one(grid, grid.run(run_id), threads=threads)
+    outcome = run_one(grid, grid.run(run_id), threads=threads)
+    if _STOPPING and outcome.state == "failed":  # e.g. the kernel got SIGTERM before training had started
+        record = failure_path(grid.run(run_id))
+        record.unlink(missing_ok=True)
+        return Outcome(run_id, "interrupted", outcome.seconds, f"stopped by the runner ({outcome.error})")
+    return outcome
 
 
 def _summary(grid: Grid, outcomes: list[Outcome], submitted: set[str] = frozenset()) -> "pd.DataFrame":
@@ -660,23 +844,45 @@ def run_local(grid: Grid, *, workers: int | None = None) -> list[Outcome]:
     cpus = os.cpu_count() or 1
     outcomes: list[Outcome] = []
     ctx = multiprocessing.get_context("spawn")
-    with tqdm(total=len(todo), desc=f"grid {grid.name}: training runs", unit="run") as bar:
-        for batch, n in ((heads, 1), (rest, workers)):
-            if batch is rest:
-                _require_head(grid)
-            if not batch:
-                continue
-            n = min(n, len(batch))
-            with ProcessPoolExecutor(n, mp_context=ctx, initializer=_die_with_parent) as pool:
-                futures = {pool.submit(_pool_task, str(grid.path), r.run_id, max(1, cpus // n), str(outputs_dir())): r
-                           for r in batch}
-                for future in as_completed(futures):
-                    outcome = future.result()
-                    outcomes.append(outcome)
-                    bar.update(1)
-                    if outcome.state == "failed":
-                        tqdm.write(f"run {outcome.run_id} ({futures[future].label}) FAILED: {outcome.error}")
-    _wait_for_live_locks(grid, grid.runs)
+    stop: list[int] = []
+
+    def on_signal(signum, frame):  # noqa: ARG001
+        if not stop:
+            tqdm.write(f"grid {grid.name}: {signal.Signals(signum).name}: stopping; the running runs write their "
+                       "resume state and stop (a re-run finishes what is missing)")
+        stop.append(signum)
+        for pid in _children(os.getpid()):  # the workers pass it on to their kernels
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        with tqdm(total=len(todo), desc=f"grid {grid.name}: training runs", unit="run") as bar:
+            for batch, n in ((heads, 1), (rest, workers)):
+                if stop:
+                    outcomes += [Outcome(r.run_id, "interrupted", error="not started: stopped") for r in batch]
+                    continue
+                if batch is rest:
+                    _require_head(grid)
+                if not batch:
+                    continue
+                n = min(n, len(batch))
+                with ProcessPoolExecutor(n, mp_context=ctx, initializer=_die_with_parent) as pool:
+                    futures = {pool.submit(_pool_task, str(grid.path), r.run_id, max(1, cpus // n), str(outputs_dir())): r
+                               for r in batch}
+                    for future in as_completed(futures):
+                        outcome = future.result()
+                        outcomes.append(outcome)
+                        bar.update(1)
+                        if outcome.state == "failed":
+                            tqdm.write(f"run {outcome.run_id} ({futures[future].label}) FAILED: {outcome.error}")
+        if not stop:
+            _wait_for_live_locks(grid, grid.runs)
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
     return outcomes
 
 
@@ -700,47 +906,74 @@ def _sbatch(args: list[str], script: Path) -> str:
 
 
 def _script(grid: Grid, job_dir: Path, command: str, directives: list[str]) -> str:
+    """A job script: directives, then ``cd`` to the repository, then the grid's ``setup`` lines (so a relative
+    ``source .venv/bin/activate`` works), the environment and the command."""
     env = {"OFA_OUTPUTS": str(outputs_dir()), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     if os.environ.get("OFA_DATA_DIR"):
         env["OFA_DATA_DIR"] = os.environ["OFA_DATA_DIR"]
-    lines = ["#!/bin/bash", *[f"#SBATCH {d}" for d in directives], "set -euo pipefail", grid.slurm.setup.strip(),
-             f"cd {shlex.quote(str(REPO_ROOT))}", *[f"export {k}={shlex.quote(v)}" for k, v in env.items()],
+    lines = ["#!/bin/bash", *[f"#SBATCH {d}" for d in directives], "set -euo pipefail",
+             f"cd {shlex.quote(str(REPO_ROOT))}", *grid.slurm.setup,
+             *[f"export {k}={shlex.quote(v)}" for k, v in env.items()],
              f"exec {shlex.quote(sys.executable)} -m ofa_lib.grid {command}"]
-    return "\n".join(line for line in lines if line) + "\n"
+    return "\n".join(lines) + "\n"
 
 
-def _resources(grid: Grid) -> list[str]:
+def _account(grid: Grid) -> list[str]:
+    """What every job of the grid gets: partition, account, qos and the grid's extra sbatch options."""
     s = grid.slurm
-    out = [f"--cpus-per-task={s.cpus_per_task}", f"--mem={s.mem}", f"--time={s.time}"]
-    if s.gpus_per_run:
-        out.append(f"--gres=gpu:{s.gpus_per_run}")
-    if s.partition:
-        out.append(f"--partition={s.partition}")
-    if s.account:
-        out.append(f"--account={s.account}")
+    out = [f"--partition={s.partition}"] if s.partition else []
+    out += [f"--account={s.account}"] if s.account else []
+    out += [f"--qos={s.qos}"] if s.qos else []
     return out + list(s.extra_args)
 
 
-def submit_slurm(grid: Grid, runs: list[Run] | None = None) -> dict[str, Any]:
-    """Submit the unfinished runs as one SLURM job array (head run and report as dependent jobs)."""
-    runs = [r for r in (runs if runs is not None else grid.runs) if run_state(grid, r) == "todo"]
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    job_dir = grid.state_dir / "slurm" / stamp
+def _resources(grid: Grid) -> list[str]:
+    """A training task's job: the grid's CPUs, memory, time and GPUs; requeued when preempted, and told
+    ``signal_before_s`` before its time limit (SIGUSR1 to the batch shell, i.e. ``run-one``) so that it writes
+    its resume state and requeues itself."""
+    s = grid.slurm
+    out = [f"--cpus-per-task={s.cpus_per_task}", f"--mem={s.mem}", f"--time={s.time}", "--requeue"]
+    if s.signal_before_s:
+        out.append(f"--signal=B:USR1@{s.signal_before_s}")
+    if s.gpus_per_run:
+        out.append(f"--gres=gpu:{s.gpus_per_run}")
+    return out + _account(grid)
+
+
+def _step_directives(grid: Grid, step: Step | None) -> list[str]:
+    res = step_resources(grid, step)
+    out = [f"--cpus-per-task={res['cpus']}", f"--mem={res['mem']}", f"--time={res['time']}"]
+    if res["gpus"]:
+        out.append(f"--gres=gpu:{res['gpus']}")
+    return out + _account(grid)
+
+
+def _scancel(job_ids: list[str]) -> str:
+    """Cancel jobs (best effort); returns what scancel said."""
+    if not job_ids:
+        return ""
+    try:
+        proc = subprocess.run(["scancel", *job_ids], capture_output=True, text=True, timeout=60)
+        return (proc.stderr or proc.stdout).strip()
+    except (OSError, subprocess.SubprocessError) as exc:
+        return str(exc)
+
+
+def write_slurm_scripts(grid: Grid, runs: list[Run], job_dir: Path) -> list[dict[str, Any]]:
+    """Write the job scripts of one submission into ``job_dir``; returns the jobs in submission order, each
+    ``{"name", "script", "kind" (head | array | step), "runs", "after"}`` where ``after`` names the earlier
+    jobs it depends on and how (``afterok`` / ``afterany``)."""
     job_dir.mkdir(parents=True, exist_ok=True)
     grid_arg = shlex.quote(str(grid.path.resolve()))
-    record: dict[str, Any] = {"time": time.time(), "dir": str(job_dir), "head_job": None, "array_job": None,
-                              "report_job": None, "runs": {}}
+    name = f"ofa-{grid.name}"
     heads = [r for r in runs if r.role == "head"]
     rest = [r for r in runs if r.role != "head"]
-    dependency: list[str] = []
-    name = f"ofa-{grid.name}"
+    jobs: list[dict[str, Any]] = []
     if heads:
         script = job_dir / "head.sh"
         write_text(script, _script(grid, job_dir, f"run-one {grid_arg} --run-id {heads[0].run_id}",
                                    [f"--job-name={name}-head", f"--output={job_dir}/head-%j.out", *_resources(grid)]))
-        record["head_job"] = _sbatch([], script)
-        record["runs"][heads[0].run_id] = record["head_job"]
-        dependency = [f"--dependency=afterok:{record['head_job']}"]
+        jobs.append({"name": "head", "script": str(script), "kind": "head", "runs": [heads[0].run_id], "after": []})
     if rest:
         write_json(job_dir / "runs.json", [r.run_id for r in rest])
         script = job_dir / "array.sh"
@@ -748,18 +981,72 @@ def submit_slurm(grid: Grid, runs: list[Run] | None = None) -> dict[str, Any]:
             grid, job_dir, f"run-one {grid_arg} --list {shlex.quote(str(job_dir / 'runs.json'))} --index \"$SLURM_ARRAY_TASK_ID\"",
             [f"--job-name={name}", f"--array=0-{len(rest) - 1}%{grid.slurm.max_concurrent}",
              f"--output={job_dir}/%A_%a.out", *_resources(grid)]))
-        record["array_job"] = _sbatch(dependency, script)
-        record["runs"].update({r.run_id: f"{record['array_job']}_{i}" for i, r in enumerate(rest)})
-    after = [j for j in (record["array_job"], record["head_job"]) if j]
-    script = job_dir / "report.sh"
-    report_res = [f"--cpus-per-task={grid.slurm.cpus_per_task}", f"--mem={grid.slurm.mem}", f"--time={grid.slurm.time}"]
-    report_res += [f"--partition={grid.slurm.partition}"] if grid.slurm.partition else []
-    write_text(script, _script(grid, job_dir, f"report {grid_arg}",
-                               [f"--job-name={name}-report", f"--output={job_dir}/report-%j.out", *report_res]))
-    record["report_job"] = _sbatch([f"--dependency=afterany:{after[0]}"] if after else [], script)
+        jobs.append({"name": "array", "script": str(script), "kind": "array", "runs": [r.run_id for r in rest],
+                     "after": [("afterok", "head")] if heads else []})
+    # the pipeline: one job per step, in order, each with its own resources (03_average: a GPU job)
+    after: list[tuple[str, str]] = [("afterany", "array")] if rest else []
+    after += [("afterok", "head")] if heads else []
+    steps: list[tuple[str, Step | None]] = [("data_prep", None)] if grid.data_prep is not None else []
+    steps += [(str(i), step) for i, step in enumerate(grid.pipeline)]
+    for key, step in steps:
+        label = "01_data_prep" if step is None else Path(step.notebook).stem
+        script = job_dir / f"step_{label}.sh"
+        write_text(script, _script(grid, job_dir, f"report {grid_arg} --step {key}",
+                                   [f"--job-name={name}-{label}", f"--output={job_dir}/{label}-%j.out",
+                                    *_step_directives(grid, step)]))
+        jobs.append({"name": label, "script": str(script), "kind": "step", "runs": [], "after": after})
+        after = [("afterok", label)]
+    return jobs
+
+
+def submit_slurm(grid: Grid, runs: list[Run] | None = None, *, dry_run: bool = False) -> dict[str, Any]:
+    """Submit the unfinished runs as one SLURM job array: the head-tuning run first (its own job), the array
+    after it, then one job per pipeline step. A job whose dependency can no longer be met (a failed head job)
+    is cancelled by SLURM (``--kill-on-invalid-dep``). ``dry_run``: write the scripts where a submission would,
+    submit nothing. When one ``sbatch`` is refused, the jobs already queued are cancelled and the attempt is
+    recorded; :class:`GridError` says what happened."""
+    runs = [r for r in (runs if runs is not None else grid.runs) if run_state(grid, r) == "todo"]
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    job_dir = grid.state_dir / "slurm" / stamp
+    for n in itertools.count(2):
+        if not job_dir.exists():
+            break
+        job_dir = grid.state_dir / "slurm" / f"{stamp}-{n}"
+    jobs = write_slurm_scripts(grid, runs, job_dir)
+    record: dict[str, Any] = {"time": time.time(), "dir": str(job_dir), "head_job": None, "array_job": None,
+                              "report_job": None, "step_jobs": {}, "runs": {}, "scripts": [j["script"] for j in jobs]}
+    if dry_run:
+        return dict(record, dry_run=True)
+    ids: dict[str, str] = {}
+    try:
+        for job in jobs:
+            deps = [f"{how}:{ids[name]}" for how, name in job["after"]]
+            args = [f"--dependency={','.join(deps)}", "--kill-on-invalid-dep=yes"] if deps else []
+            ids[job["name"]] = job_id = _sbatch(args, Path(job["script"]))
+            if job["kind"] == "head":
+                record["head_job"] = job_id
+                record["runs"][job["runs"][0]] = job_id
+            elif job["kind"] == "array":
+                record["array_job"] = job_id
+                record["runs"].update({r: f"{job_id}_{i}" for i, r in enumerate(job["runs"])})
+            else:
+                record["step_jobs"][job["name"]] = job_id
+                record["report_job"] = record["report_job"] or job_id
+    except (RuntimeError, subprocess.SubprocessError, OSError) as exc:
+        queued = list(ids.values())
+        said = _scancel(queued)
+        record.update(error=str(exc), cancelled=queued, runs={})
+        _append_submission(grid, record)
+        raise GridError(f"{grid.path}: submission stopped half-way: {exc}; cancelled the {len(queued)} job(s) it had "
+                        f"queued ({', '.join(queued) or 'none'}{'; scancel: ' + said if said else ''}); "
+                        f"scripts in {job_dir}") from exc
+    _append_submission(grid, record)
+    return record
+
+
+def _append_submission(grid: Grid, record: dict[str, Any]) -> None:
     with open(grid.state_dir / "submissions.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
-    return record
 
 
 def submissions(grid: Grid) -> list[dict[str, Any]]:
@@ -800,7 +1087,8 @@ def wait_slurm(grid: Grid, record: dict[str, Any], poll_s: float = 5.0, timeout_
     """Block until every job of a submission has left the queue, with a progress bar over runs."""
     from tqdm.auto import tqdm
 
-    ids = [j for j in (record["head_job"], record["array_job"], record["report_job"]) if j]
+    ids = [j for j in (record["head_job"], record["array_job"], *record.get("step_jobs", {}).values(),
+                       record["report_job"]) if j]
     start = time.time()
     with tqdm(total=len(grid.runs), desc=f"grid {grid.name} on SLURM", unit="run") as bar:
         while True:
@@ -835,12 +1123,13 @@ def data_line(grid: Grid) -> str:
     return "Data: " + " | ".join(f"{line} ({n} run{'s' if n > 1 else ''})" for line, n in summaries.items()) + "."
 
 
-def report(grid: Grid, *, partial: bool = False) -> list[Path]:
+def report(grid: Grid, *, partial: bool = False, step: str | None = None) -> list[Path]:
     """Execute 01_data_prep (if asked) and the pipeline notebooks; render their HTML reports.
 
     Under a lock (``.grid/locks/report.lock``): a second runner that gets here while the first is still
     reporting does not run the pipeline again (it returns nothing). Each notebook is watched like a run
-    (``stall_timeout``, ``run_timeout``)."""
+    (``stall_timeout``, ``run_timeout``). ``step``: only that one (``"data_prep"`` or the pipeline index; a
+    SLURM job per step, each with its own resources)."""
     lock = locks.acquire(grid.state_dir / "locks" / "report.lock")
     if lock is None:
         other = locks.holder(grid.state_dir / "locks" / "report.lock") or {}
@@ -848,11 +1137,14 @@ def report(grid: Grid, *, partial: bool = False) -> list[Path]:
               f"{other.get('pid')}): not running the pipeline twice")
         return []
     with lock:
-        return _report(grid, partial)
+        return _report(grid, partial, step)
 
 
-def _report(grid: Grid, partial: bool) -> list[Path]:
+def _report(grid: Grid, partial: bool, step: str | None = None) -> list[Path]:
     from . import report as rp
+
+    if step is not None and step != "data_prep" and not (step.isdigit() and int(step) < len(grid.pipeline)):
+        raise GridError(f"{grid.path}: no pipeline step {step!r} (data_prep or 0..{len(grid.pipeline) - 1})")
 
     set_aside_stale_runs(grid)
     missing = [r.run_id for r in grid.runs if run_state(grid, r) != "done"]
@@ -871,18 +1163,20 @@ def _report(grid: Grid, partial: bool) -> list[Path]:
             raise GridError(f"{grid.path}: pipeline {exc}; its notebook is kept as "
                             f"{out / (Path(notebook).stem + '.failed.ipynb')}") from exc
 
-    if grid.data_prep is not None:
+    if grid.data_prep is not None and step in (None, "data_prep"):
         executed = execute("01_data_prep.ipynb", dict(task=grid.task, **grid.data_prep))
         written += [executed, rp.render(executed, out / "data.html")]
     context = pipeline_context(grid)
-    for step in grid.pipeline:
-        declared = notebook_parameters(NOTEBOOKS / step.notebook)
+    for i, item in enumerate(grid.pipeline):
+        if step is not None and step != str(i):
+            continue
+        declared = notebook_parameters(NOTEBOOKS / item.notebook)
         params = {k: v for k, v in context.items() if k in declared}
-        params.update(step.parameters)
-        executed = execute(step.notebook, params)
+        params.update(item.parameters)
+        executed = execute(item.notebook, params)
         written.append(executed)
-        if step.html:
-            written.append(rp.render(executed, out / step.html))
+        if item.html:
+            written.append(rp.render(executed, out / item.html))
     return written
 
 
@@ -921,10 +1215,20 @@ def set_aside_stale_runs(grid: Grid) -> list[str]:
 
 # --------------------------------------------------------------------------- commands
 def run(grid: Grid, *, backend: str = "local", workers: int | None = None, wait: bool = False,
-        with_report: bool = True) -> int:
-    """``run``: train what is unfinished, then the pipeline; returns the exit status (1 if any run failed)."""
+        with_report: bool = True, dry_run: bool = False) -> int:
+    """``run``: train what is unfinished, then the pipeline; returns the exit status (1 if any run failed).
+    ``dry_run`` (slurm backend): write the job scripts where a submission would and print their paths; nothing
+    is submitted or moved."""
     import pandas as pd
 
+    if dry_run:
+        if backend != "slurm":
+            raise GridError("--dry-run is for --backend slurm (the local backend has no scripts to show)")
+        record = submit_slurm(grid, dry_run=True)
+        print(f"dry run: nothing submitted; the job scripts a submission would use ({record['dir']}):")
+        for script in record["scripts"]:
+            print(f"  {script}")
+        return 0
     start = time.time()
     set_aside_stale_runs(grid)
     failed = [r.run_id for r in grid.runs if run_state(grid, r) == "failed"]
@@ -932,8 +1236,9 @@ def run(grid: Grid, *, backend: str = "local", workers: int | None = None, wait:
         print(f"{len(failed)} run(s) failed before and are left as they are (`retry-failed` runs them again): {failed}")
     if backend == "slurm":
         record = submit_slurm(grid)
+        steps = ", ".join(f"{k} {v}" for k, v in record["step_jobs"].items())
         print(f"submitted to SLURM: head job {record['head_job']}, array job {record['array_job']}, "
-              f"report job {record['report_job']}; scripts and logs in {record['dir']}")
+              f"pipeline jobs {steps or 'none'}; scripts and logs in {record['dir']}")
         if not wait:
             print(f"follow with: python -m ofa_lib.grid status {grid.path}")
             return 0
@@ -947,7 +1252,11 @@ def run(grid: Grid, *, backend: str = "local", workers: int | None = None, wait:
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         print(summary.to_string(index=False))
     bad = [r.run_id for r in grid.runs if run_state(grid, r) != "done"]
-    if backend == "local" and with_report and not bad:
+    stopped = any(o.state == "interrupted" for o in outcomes)
+    if stopped:
+        print(f"grid {grid.name}: stopped; run the same command again to finish the {len(bad)} run(s) not done "
+              "(interrupted runs resume from their state)")
+    elif backend == "local" and with_report and not bad:
         for path in report(grid):
             print(f"wrote {path}")
     elif backend == "slurm":
@@ -957,7 +1266,23 @@ def run(grid: Grid, *, backend: str = "local", workers: int | None = None, wait:
     _write_summary(grid, backend, wall, summary)
     print(f"grid {grid.name}: {sum(summary.result.isin(['done', 'skipped-done']))}/{len(grid.runs)} runs done, "
           f"{len(bad)} not done; {wall / 60:.1f} min")
-    return 1 if bad else 0
+    return 130 if stopped else 1 if bad else 0
+
+
+# the paper's own figures for one task's grid (63 runs + head run, XLM-R large), next to our estimate
+PAPER_COST = {"V100-hours per task": "~1,050", "storage per task": "~1.4 TB"}
+
+
+def estimate_text(grid: Grid) -> str:
+    """``plan --estimate``: :func:`ofa_lib.cost.estimate` of the grid, formatted (paper grids: next to the
+    authors' figures)."""
+    from . import cost
+
+    try:
+        est = cost.estimate(grid)
+    except FileNotFoundError as exc:
+        raise GridError(f"{grid.path}: --estimate: {exc}") from None
+    return cost.format_estimate(est, PAPER_COST if grid.preset == "paper" else None)
 
 
 def _write_summary(grid: Grid, backend: str, wall: float, summary: "pd.DataFrame") -> None:
@@ -998,8 +1323,14 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--wait", action="store_true", help="slurm backend: block until the jobs have finished")
         if name == "run":
             p.add_argument("--no-report", action="store_true", help="train only")
+            p.add_argument("--dry-run", action="store_true",
+                           help="slurm backend: write the job scripts and print their paths; submit nothing")
+        if name == "plan":
+            p.add_argument("--estimate", action="store_true",
+                           help="also print the time and bytes the grid costs (ofa_lib.cost; measured throughputs)")
         if name == "report":
             p.add_argument("--partial", action="store_true", help="report on the finished runs even if some are not")
+            p.add_argument("--step", default=None, help="only this step: data_prep or a pipeline index (SLURM jobs)")
         if name == "run-one":
             p.add_argument("--run-id")
             p.add_argument("--list", help="JSON list of run ids (a SLURM array)")
@@ -1037,20 +1368,21 @@ def _command(args: argparse.Namespace) -> int:
         with pd.option_context("display.width", 200, "display.max_columns", 20, "display.max_rows", 500):
             print(table.to_string(index=False))
         print(table.state.value_counts().to_string())
+        if getattr(args, "estimate", False):
+            print(estimate_text(grid))
         return 0
     if args.command == "run":
-        return run(grid, backend=args.backend, workers=args.workers, wait=args.wait, with_report=not args.no_report)
+        return run(grid, backend=args.backend, workers=args.workers, wait=args.wait, with_report=not args.no_report,
+                   dry_run=args.dry_run)
     if args.command == "retry-failed":
         return retry_failed(grid, backend=args.backend, workers=args.workers, wait=args.wait)
     if args.command == "report":
-        for path in report(grid, partial=args.partial):
+        for path in report(grid, partial=args.partial, step=args.step):
             print(f"wrote {path}")
         return 0
     run_id = args.run_id or json.loads(Path(args.list).read_text())[args.index]
     threads = int(os.environ.get("SLURM_CPUS_PER_TASK", 0)) or None
-    outcome = run_one(grid, grid.run(run_id), threads=threads)
-    print(f"run {run_id}: {outcome.state} {outcome.error}")
-    return 1 if outcome.state == "failed" else 0
+    return run_task(grid, grid.run(run_id), threads=threads)
 
 
 if __name__ == "__main__":

@@ -84,7 +84,7 @@ class Skeleton:
 
     def __init__(self, cfg: TrainConfig, n_examples: int, device: str | None = None):
         self.cfg, self.n_examples = cfg, n_examples
-        self.device = torch.device(device) if device else training.pick_device(cfg.precision)
+        self.device = training.resolve_device(device, cfg.preset)
         self._prep = None
 
     @property

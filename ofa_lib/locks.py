@@ -5,7 +5,9 @@ NFS) and holds who took it: host, pid, the process's start time and a scheduler 
 *stale*, and may be broken by the next runner, when its holder is gone: on the same host, when
 that process (pid + start time) no longer exists; on another host, when the holder stopped
 refreshing the file's mtime (a heartbeat thread refreshes it every ``HEARTBEAT_S``). So a runner
-killed with SIGKILL never blocks a run for longer than it takes to notice.
+killed with SIGKILL never blocks a run for longer than it takes to notice. A lock taken by an earlier
+start of the same SLURM job (the job was requeued: same job id, a lower ``SLURM_RESTART_COUNT``) is this
+job's own: SLURM runs one start of a job at a time, so the earlier one is gone, wherever it ran.
 """
 
 from __future__ import annotations
@@ -40,9 +42,17 @@ def job_id() -> str | None:
     return os.environ.get("SLURM_JOB_ID")
 
 
+def restart_count() -> int:
+    """How often SLURM has requeued this job (``SLURM_RESTART_COUNT``; 0 outside SLURM or on its first start)."""
+    try:
+        return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+    except ValueError:
+        return 0
+
+
 def _identity() -> dict[str, Any]:
     return {"host": socket.gethostname(), "pid": os.getpid(), "start": _start_time(os.getpid()),
-            "job_id": job_id(), "since": time.time()}
+            "job_id": job_id(), "restart": restart_count(), "since": time.time()}
 
 
 def read(path: str | Path) -> dict[str, Any] | None:
@@ -59,6 +69,8 @@ def is_stale(path: str | Path, info: dict[str, Any] | None = None) -> bool:
     info = info if info is not None else read(path)
     if info is None:
         return True
+    if info.get("job_id") and info["job_id"] == job_id() and int(info.get("restart") or 0) < restart_count():
+        return True  # an earlier start of this (requeued) job
     if info.get("host") == socket.gethostname():
         start = _start_time(int(info.get("pid", -1)))
         return start is None or (info.get("start") is not None and start != info["start"])

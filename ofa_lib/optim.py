@@ -72,19 +72,40 @@ def sampled_log_likelihood(out: Any, batch: dict[str, torch.Tensor], generator: 
 def train_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, *,
                method: str = "adamw", max_grad_norm: float = 1.0, autocast_dtype: torch.dtype | None = None,
                sam_rho: float = 0.05, fisher_penalty_weight: float = 0.01, seed: int = 0,
-               step: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradient(s), clipping and ``optimizer.step()`` for one batch → ``(loss, grad_norm)``.
+               step: int = 0, scaler: "torch.amp.GradScaler | None" = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradient(s), clipping and ``optimizer.step()`` for one batch → ``(loss, grad_norm)``. ``batch`` may be a
+    list of micro-batches (gradient accumulation, AdamW): one optimizer step on their example-weighted mean loss.
 
     Gradients are left in ``.grad`` (the caller zeroes them). ``seed`` and ``step`` seed the
-    Fisher penalty's label sampling (generator seed ``seed·1_000_003 + step``).
+    Fisher penalty's label sampling (generator seed ``seed·1_000_003 + step``). ``scaler`` (fp16
+    autocast, AdamW only): the loss is scaled before backward, the gradients unscaled before
+    clipping, and a step with inf/NaN gradients is skipped while the scale shrinks. Both results
+    stay on the device (no host sync here).
     """
     if method not in METHODS:
         raise ValueError(f"optimizer={method!r} is unknown; expected one of {METHODS}")
+    if scaler is not None and method != "adamw":
+        raise ValueError(f"a GradScaler (fp16) covers optimizer='adamw' only, not {method!r}")
     params = _trainable(model)
     device_type = params[0].device.type
+    if isinstance(batch, list) and method != "adamw":
+        raise ValueError(f"micro-batches (gradient accumulation) are implemented for 'adamw' only, not {method!r}")
     if method == "adamw":
-        loss = _forward_loss(model, batch, autocast_dtype, device_type).loss
-        loss.backward()
+        micro = batch if isinstance(batch, list) else [batch]
+        sizes = [len(next(iter(mb.values()))) for mb in micro]
+        loss = None
+        for mb, size in zip(micro, sizes):  # accumulation: each micro-batch's mean loss weighted by its share
+            part = _forward_loss(model, mb, autocast_dtype, device_type).loss
+            if len(micro) > 1:
+                part = part * (size / sum(sizes))
+            (scaler.scale(part) if scaler is not None else part).backward()
+            loss = part.detach() if loss is None else loss + part.detach()
+        if scaler is not None:
+            scaler.unscale_(optimizer)  # clip the true gradient
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            scaler.step(optimizer)  # skipped when the unscaled gradients hold inf/NaN
+            scaler.update()
+            return loss, grad_norm
     elif method == "sam":
         loss = _forward_loss(model, batch, autocast_dtype, device_type).loss
         loss.backward()

@@ -24,10 +24,14 @@ replays the last steps bit for bit.
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import json
 import math
 import platform
+import signal
 import subprocess
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +52,7 @@ from .io import write_json, write_parquet
 from .paths import REPO_ROOT, outputs_dir
 
 VARIANTS = ("last", "src_dev", "ca", "trg_dev")
+RESUME_FILE = "state.safetensors"  # resume/<this>: the whole resume state, one file
 STORAGE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -77,8 +82,146 @@ def is_done(cfg: TrainConfig, output_root: str | Path | None = None) -> bool:
     return all((path / name).is_file() for name in needed)
 
 
-def pick_device(precision: str) -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+class DeviceError(RuntimeError):
+    """The asked-for device or precision is not available here; the message names the node and torch build."""
+
+
+def torch_build() -> str:
+    """``torch 2.13.0+cpu (CUDA none)`` / ``torch 2.13.0+cu128 (CUDA 12.8, archs sm_80 …)``: what this torch can run on."""
+    cuda = torch.version.cuda
+    archs = ""
+    if cuda:
+        try:
+            archs = ", kernels for " + " ".join(torch.cuda.get_arch_list())
+        except Exception:  # noqa: BLE001 -- a broken driver must not hide the build in the message
+            archs = ""
+    return f"torch {torch.__version__} (CUDA {cuda or 'none'}{archs})"
+
+
+def resolve_device(device: str | None, preset: str = "cpu") -> torch.device:
+    """The device a run trains on, never a silent fallback.
+
+    ``None``/``"auto"`` is ``cuda`` for the ``paper`` preset (xlm-roberta-large on a CPU takes days: a GPU job
+    on a node without a working CUDA build must fail, not crawl) and otherwise ``cuda`` when available, else
+    ``cpu``. An explicit ``cuda`` (or ``cuda:N``) without a usable CUDA device raises :class:`DeviceError`
+    naming the node and the torch build; so does an unknown device string.
+    """
+    name = "cuda" if (device in (None, "auto") and preset == "paper") else device
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError) as exc:
+        raise DeviceError(f"parameter device={device!r} is invalid: expected 'auto', 'cpu', 'cuda' or 'cuda:N' ({exc})") from None
+    if dev.type == "cuda":
+        where = f"on node {platform.node()} with {torch_build()}"
+        if not torch.cuda.is_available():
+            why = ("this torch has no CUDA support: install a CUDA wheel (README: 'Torch on GPUs')" if not torch.version.cuda
+                   else "no CUDA device is visible (driver, CUDA_VISIBLE_DEVICES or the job's --gres)")
+            asked = f"device={device!r}" if device not in (None, "auto") else f"preset {preset!r} (device auto means cuda)"
+            raise DeviceError(f"{asked} needs CUDA, but torch.cuda.is_available() is False {where}: {why}; "
+                              "pass device='cpu' to train on the CPU on purpose")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise DeviceError(f"device={device!r}: only {torch.cuda.device_count()} CUDA device(s) {where}")
+        cc = torch.cuda.get_device_capability(dev)
+        if not cuda_arch_supported(cc, torch.cuda.get_arch_list()):
+            raise DeviceError(f"device={device!r}: {torch.cuda.get_device_name(dev)} is sm_{cc[0]}{cc[1]}, and {torch_build()} "
+                              f"has no kernels for it {where}; install a wheel built for it (README: 'Torch on GPUs')")
+    elif dev.type != "cpu":
+        raise DeviceError(f"parameter device={device!r} is invalid: expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    return dev
+
+
+def cuda_arch_supported(cc: tuple[int, int], arch_list: list[str]) -> bool:
+    """Whether a torch build with kernels for ``arch_list`` (``["sm_80", "sm_90", "compute_90"]``) runs on a GPU of
+    compute capability ``cc``: a binary for the same major and a minor ≤ the GPU's, or PTX (``compute_XY``) for an
+    older-or-equal architecture that the driver compiles. A GPU older than every build target is not supported."""
+    have = cc[0] * 10 + cc[1]
+    for arch in arch_list:
+        kind, _, num = arch.partition("_")
+        if not num.isdigit():
+            continue
+        n = int(num)
+        if kind == "sm" and n // 10 == cc[0] and n <= have:
+            return True
+        if kind == "compute" and n <= have:
+            return True
+    return False
+
+
+
+
+def cpu_precision_support() -> dict[str, Any]:
+    """What this CPU offers for reduced precision: torch's kernel capability, AVX512-BF16, AMX (bf16 tiles,
+    fp16 tiles), and whether oneDNN runs bf16 at all (it emulates it with AVX512 core)."""
+    def probe(name: str) -> bool:
+        fn = getattr(torch.cpu, name, None)
+        try:
+            return bool(fn()) if fn else False
+        except Exception:  # noqa: BLE001 -- a probe that cannot run means "not supported"
+            return False
+
+    try:
+        mkldnn_bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except Exception:  # noqa: BLE001
+        mkldnn_bf16 = False
+    return {"capability": torch.backends.cpu.get_cpu_capability(), "avx512_bf16": probe("_is_avx512_bf16_supported"),
+            "amx_tile": probe("_is_amx_tile_supported"), "amx_fp16": probe("_is_amx_fp16_supported"),
+            "mkldnn_bf16": mkldnn_bf16}
+
+
+def resolve_precision(requested: str, device: torch.device, optimizer: str = "adamw") -> tuple[str, str]:
+    """The precision a run uses on ``device`` → ``(precision, why)``.
+
+    ``auto``: bf16 on CUDA devices of compute capability ≥ 8.0 and on CPUs with native bf16 (AVX512-BF16 or
+    AMX); fp16 with a GradScaler on older CUDA devices (fp32 for SAM and the Fisher penalty, whose extra
+    gradients the scaler does not cover); else fp32. An explicit ``bf16``/``fp16`` the hardware does not run
+    natively raises :class:`DeviceError` (emulated half precision is slower than fp32, not faster).
+    """
+    from .config import PRECISIONS
+
+    if requested not in PRECISIONS:
+        raise DeviceError(f"parameter precision={requested!r} is invalid: expected one of {PRECISIONS}")
+    if device.type == "cuda":
+        cc = torch.cuda.get_device_capability(device)
+        gpu = f"{torch.cuda.get_device_name(device)} (compute capability {cc[0]}.{cc[1]})"
+        bf16 = cc >= (8, 0)
+        fp16 = True
+        hw = gpu
+    else:
+        support = cpu_precision_support()
+        bf16 = support["avx512_bf16"] or support["amx_tile"]
+        fp16 = support["amx_fp16"]
+        hw = (f"CPU {support['capability']}, AVX512-BF16 {'yes' if support['avx512_bf16'] else 'no'}, "
+              f"AMX {'yes' if support['amx_tile'] else 'no'}")
+    if requested == "auto":
+        if bf16:
+            return "bf16", f"auto: {hw} has native bf16"
+        if device.type == "cuda":
+            if optimizer != "adamw":
+                return "fp32", f"auto: {hw} has no bf16, and fp16's GradScaler does not cover optimizer={optimizer!r}"
+            return "fp16", f"auto: {hw} has no bf16: fp16 autocast with a GradScaler"
+        return "fp32", f"auto: {hw} has no native bf16"
+    if requested == "bf16" and not bf16:
+        raise DeviceError(f"precision='bf16' on {hw} on node {platform.node()}: no native bf16 here (it would be "
+                          "emulated, slower than fp32); use precision='auto' or 'fp32'" +
+                          ("" if device.type == "cpu" else " or 'fp16'"))
+    if requested == "fp16":
+        if not fp16:
+            raise DeviceError(f"precision='fp16' on {hw} on node {platform.node()}: no native fp16 here; "
+                              "use precision='auto' or 'fp32'")
+        if optimizer != "adamw":
+            raise DeviceError(f"precision='fp16' trains with a GradScaler, which covers optimizer='adamw' only, "
+                              f"not optimizer={optimizer!r}; use precision='bf16' (compute capability ≥ 8.0) or 'fp32'")
+    return requested, f"{requested} as asked, on {hw}"
+
+
+def resolve_runtime(cfg: TrainConfig, device: str | None = None) -> tuple[torch.device, str, str]:
+    """``(device, precision, why)`` for a run here: :func:`resolve_device` then :func:`resolve_precision`.
+    Called by 02_train's first cell, so a run that cannot get what it asks for fails before any work."""
+    dev = resolve_device(device, cfg.preset)
+    precision, why = resolve_precision(cfg.precision, dev, cfg.optimizer)
+    return dev, precision, why
 
 
 def environment_info() -> dict[str, Any]:
@@ -238,8 +381,11 @@ def prepare(cfg: TrainConfig) -> Prepared:
 
 
 # --------------------------------------------------------------------------- resume state
-def save_resume(path: Path, model, optimizer, scheduler, state: dict[str, Any], ca: averaging.RunningMean) -> None:
-    """Model, optimizer moments, CA mean and RNG at a snapshot, as safetensors + JSON."""
+def save_resume(path: Path, model, optimizer, scheduler, state: dict[str, Any], ca: averaging.RunningMean,
+                scaler: "torch.amp.GradScaler | None" = None) -> None:
+    """Model, optimizer moments, CA mean, RNG (CPU and CUDA) and the loop's state, in ONE safetensors file
+    (``state.safetensors``; the JSON-able part in its metadata) replaced atomically: a kill leaves the previous
+    state or the new one, never new weights paired with an old step."""
     tensors: dict[str, torch.Tensor] = {f"model.{k}": v.detach().float() for k, v in model.state_dict().items()}
     opt = optimizer.state_dict()
     for pid, pstate in opt["state"].items():
@@ -248,19 +394,27 @@ def save_resume(path: Path, model, optimizer, scheduler, state: dict[str, Any], 
     if ca.mean is not None:
         tensors.update({f"ca.{k}": v for k, v in ca.mean.items()})
     tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # dropout on the GPU draws from its generator
+        tensors.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
     meta = {"param_groups": opt["param_groups"], "scheduler": scheduler.state_dict(), "ca_count": ca.count,
-            "state": state, "optim_shapes": {f"{pid}.{k}": list(v.shape) for pid, s in opt["state"].items() for k, v in s.items()}}
+            "state": state, "scaler": scaler.state_dict() if scaler is not None else None, "optim_shapes": {f"{pid}.{k}": list(v.shape) for pid, s in opt["state"].items() for k, v in s.items()}}
     path.mkdir(parents=True, exist_ok=True)
-    averaging.save_checkpoint(tensors, path / "state.safetensors")
-    write_json(path / "state.json", meta)
+    averaging.save_checkpoint(tensors, path / RESUME_FILE, metadata={"ofa_resume": json.dumps(meta)})
+    (path / "state.json").unlink(missing_ok=True)  # the two-file format of older versions: never pair with it
 
 
-def load_resume(path: Path, model, optimizer, scheduler, ca: averaging.RunningMean) -> dict[str, Any] | None:
+def load_resume(path: Path, model, optimizer, scheduler, ca: averaging.RunningMean,
+                scaler: "torch.amp.GradScaler | None" = None) -> dict[str, Any] | None:
     """Restore what :func:`save_resume` wrote; ``None`` when there is nothing (complete) to resume."""
-    if not (path / "state.json").is_file() or not (path / "state.safetensors").is_file():
+    if not (path / RESUME_FILE).is_file():
         return None
-    meta = json.loads((path / "state.json").read_text())
-    tensors = averaging.load_checkpoint(path / "state.safetensors")
+    meta_text = averaging.read_metadata(path / RESUME_FILE).get("ofa_resume")
+    if meta_text is None:  # written by an older version: its state.json beside it, or nothing complete
+        if not (path / "state.json").is_file():
+            return None
+        meta_text = (path / "state.json").read_text()
+    meta = json.loads(meta_text)
+    tensors = averaging.load_checkpoint(path / RESUME_FILE)
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     opt_state: dict[int, dict[str, torch.Tensor]] = {}
     for key, shape in meta["optim_shapes"].items():
@@ -268,10 +422,16 @@ def load_resume(path: Path, model, optimizer, scheduler, ca: averaging.RunningMe
         opt_state.setdefault(int(pid), {})[name] = tensors[f"optim.{key}"].reshape(shape)
     optimizer.load_state_dict({"state": opt_state, "param_groups": meta["param_groups"]})
     scheduler.load_state_dict(meta["scheduler"])
+    if scaler is not None and meta.get("scaler"):
+        scaler.load_state_dict(meta["scaler"])
     ca_state = {k[3:]: v for k, v in tensors.items() if k.startswith("ca.")}
     if ca_state:
         ca.mean, ca.count = ca_state, meta["ca_count"]
     torch.set_rng_state(tensors["rng.torch"].to(torch.uint8))
+    cuda_states = [tensors[k].to(torch.uint8) for k in sorted((k for k in tensors if k.startswith("rng.cuda.")),
+                                                              key=lambda k: int(k.rsplit(".", 1)[1]))]
+    if cuda_states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda_states[:torch.cuda.device_count()])
     return meta["state"]
 
 
@@ -323,6 +483,46 @@ def dev_summary(cfg: TrainConfig, scores: dict[tuple[str, str, str], dict[str, f
     return scores[src][primary], target_mean, per_lang
 
 
+class RunInterrupted(Exception):
+    """A run stopped on SIGUSR1/SIGTERM (a scheduler's notice or the grid runner stopping): its resume state is
+    written; running it again resumes it. Not a failure."""
+
+
+@dataclass
+class StopRequest:
+    """Set by the signal handlers of :func:`stop_signals`; the training loop checks it after every step."""
+
+    signal: int | None = None
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signal).name if self.signal else ""
+
+
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def stop_signals():
+    """While training: SIGUSR1 (SLURM's ``--signal`` notice) and SIGTERM (preemption, the grid runner) ask the run
+    to stop after its current step with its resume state written, instead of killing it mid-write. Only in the
+    main thread (where Python delivers signals); elsewhere nothing is installed."""
+    stop = StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def handler(signum, frame):  # noqa: ARG001
+        stop.signal = signum
+
+    previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
+    try:
+        yield stop
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
 def run_training(cfg: TrainConfig, output_root: str | Path | None = None, *, device: str | None = None,
                  progress: bool = True, stop_after_step: int | None = None) -> Path:
     """Train one run (or resume it, or do nothing if it is done); return its directory.
@@ -343,21 +543,24 @@ def run_training(cfg: TrainConfig, output_root: str | Path | None = None, *, dev
                 "environment": environment_info()}
     write_json(out / "manifest.json", manifest)
     try:
-        result = _train(cfg, out, manifest, device, progress, stop_after_step)
+        with stop_signals() as stop:
+            result = _train(cfg, out, manifest, device, progress, stop_after_step, stop)
     except BaseException as exc:
-        manifest.update(status="failed", error=f"{type(exc).__name__}: {exc}", ended=time.time())
+        manifest.update(status="interrupted" if isinstance(exc, RunInterrupted) else "failed",
+                        error=f"{type(exc).__name__}: {exc}", ended=time.time())
         write_json(out / "manifest.json", manifest)
         raise
     return result
 
 
 def _train(cfg: TrainConfig, out: Path, manifest: dict[str, Any], device_name: str | None, progress: bool,
-           stop_after_step: int | None) -> Path:
-    device = torch.device(device_name) if device_name else pick_device(cfg.precision)
+           stop_after_step: int | None, stop: "StopRequest | None" = None) -> Path:
+    device, precision, precision_why = resolve_runtime(cfg, device_name)
     beat(what="loading data and model")
     prep = prepare(cfg)
     model = prep.model.to(device)
     manifest.update(head_fingerprint=prep.head_fingerprint, head_keys=prep.head_keys, device=str(device),
+                    precision=precision, precision_reason=precision_why,
                     n_train_features=len(prep.train), vocab_size=model.config.vocab_size,
                     parameters=models.count_parameters(model), trainable=models.count_parameters(model, True),
                     data=prep.data_sources, data_summary=data.describe_sources(prep.data_sources))
@@ -380,7 +583,8 @@ def _train(cfg: TrainConfig, out: Path, manifest: dict[str, Any], device_name: s
         optimizer, lambda s: s / max(1, warmup) if s < warmup else max(0.0, (total_steps - s) / max(1, total_steps - warmup)))
     ca = averaging.RunningMean()
     storage = STORAGE[cfg.storage_dtype]
-    autocast = AUTOCAST.get(cfg.precision)  # mixed precision on CUDA, and on CPUs with bf16 units
+    autocast = AUTOCAST.get(precision)  # mixed precision on CUDA, and on CPUs with bf16 units
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None  # fp16 gradients underflow without it
     ckpt_dir = out / "checkpoints"
     ckpt_dir.mkdir(exist_ok=True)
     meta = {"ofa_head_fingerprint": prep.head_fingerprint, "ofa_run_id": cfg.run_id}
@@ -393,10 +597,14 @@ def _train(cfg: TrainConfig, out: Path, manifest: dict[str, Any], device_name: s
         manifest.update(final["manifest"])
         print(f"run {cfg.run_id}: training finished before; scoring its stored variants")
     else:
-        resumed = load_resume(out / "resume", model, optimizer, scheduler, ca)
+        resumed = load_resume(out / "resume", model, optimizer, scheduler, ca, scaler)
         if resumed is not None:
             state = resumed
             print(f"resuming run {cfg.run_id} at step {state['step']} (snapshot {state['snapshot']})")
+        if resumed is not None and state.get("precision", precision) != precision:  # auto on other hardware
+            print(f"note: steps 1..{state['step']} ran in {state['precision']}, the rest runs in {precision}")
+            manifest.setdefault("precision_history", []).append({"until_step": state["step"], "precision": state["precision"]})
+    state["precision"] = precision
 
     def save_variant(name: str, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
         averaging.save_checkpoint(tensors, ckpt_dir / f"{name}.safetensors", dtype=dtype, metadata=dict(meta, ofa_variant=name))
@@ -404,6 +612,7 @@ def _train(cfg: TrainConfig, out: Path, manifest: dict[str, Any], device_name: s
         state.setdefault("sha256", {})[f"checkpoints/{name}.safetensors"] = ckpt_io.file_sha256(ckpt_dir / f"{name}.safetensors")
 
     def evaluate_all(sets: list[evaluation.EvalSet], what: str) -> dict[tuple[str, str, str], dict[str, float]]:
+        sets = list({s.key: s for s in sets}.values())  # QA: a target's dev split is its test split: score it once
         return {s.key: evaluation.score(model, s, cfg.task, batch_size=cfg.eval_batch_size, device=device,
                                         autocast_dtype=autocast) for s in tqdm(sets, desc=what, leave=False, disable=not progress)}
 
@@ -427,43 +636,100 @@ def _train(cfg: TrainConfig, out: Path, manifest: dict[str, Any], device_name: s
     bar = tqdm(total=total_steps, initial=state["step"], desc=f"train {cfg.run_id}", disable=not progress)
     step = start_step = state["step"]
     step_seconds = 0.0
+    last_resume: float | None = None
+    pending: list[tuple] = []  # (step, epoch, loss, grad norm, lr, step seconds): loss and norm still on the device
+
+    def flush_log() -> None:
+        """Copy the pending losses and norms to the host in one transfer (one sync per log_every steps)."""
+        if pending:
+            values = torch.stack([torch.stack([lo.detach().float().reshape(()), gn.detach().float().reshape(())])
+                                  for _, _, lo, gn, _, _ in pending]).tolist()
+            state["log"] += [{"step": s_, "epoch": e_, "loss": lo, "grad_norm": gn, "lr": lr_, "step_seconds": ss}
+                             for (s_, e_, _, _, lr_, ss), (lo, gn) in zip(pending, values)]
+            pending.clear()
+
+    micro = cfg.batch_size // cfg.grad_accum_steps
+    pad_id = prep.tokenizer.pad_token_id
+
+    def make_batch(idx: list[int]):
+        """Collated (micro-)batches on the device; on CUDA from pinned memory with non-blocking copies."""
+        rows = [train_rows[i] for i in idx]
+        out = []
+        for j in range(0, len(rows), micro):
+            t = features.collate(rows[j:j + micro], pad_id)
+            out.append({k: (v.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else v.to(device))
+                        for k, v in t.items()})
+        return out[0] if cfg.grad_accum_steps == 1 else out
+
+    # on CUDA the next batch is collated and copied by a thread while this step runs; on a CPU that would only
+    # compete with the step for the same cores
+    prefetch = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="batches") if device.type == "cuda" else None
     while step < total_steps:
         epoch = step // steps_per_epoch
         order = torch.randperm(len(prep.train), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch)).tolist()
-        for b in range(step - epoch * steps_per_epoch, steps_per_epoch):
+        slices = [order[i * cfg.batch_size:(i + 1) * cfg.batch_size] for i in range(steps_per_epoch)]
+        first = step - epoch * steps_per_epoch
+        ahead = prefetch.submit(make_batch, slices[first]) if prefetch else None
+        for b in range(first, steps_per_epoch):
             if unfreezer:  # tr(F) when due, then the unfreezing events of this step (not timed as a step)
                 unfreezer.before_step(step, state, step / steps_per_epoch)
             t_step = time.perf_counter()
-            batch = features.collate([train_rows[i] for i in order[b * cfg.batch_size:(b + 1) * cfg.batch_size]],
-                                     prep.tokenizer.pad_token_id)
-            batch = {k: v.to(device) for k, v in batch.items()}
+            if ahead is not None:
+                batch = ahead.result()
+                ahead = prefetch.submit(make_batch, slices[b + 1]) if b + 1 < steps_per_epoch else None
+            else:
+                batch = make_batch(slices[b])
             loss, grad_norm = optim.train_step(  # adamw: forward, backward, clip, step; or SAM / Fisher penalty
                 model, batch, optimizer, method=cfg.optimizer, max_grad_norm=cfg.max_grad_norm, autocast_dtype=autocast,
-                sam_rho=cfg.sam_rho, fisher_penalty_weight=cfg.fisher_penalty_weight, seed=cfg.seed, step=step)
+                sam_rho=cfg.sam_rho, fisher_penalty_weight=cfg.fisher_penalty_weight, seed=cfg.seed, step=step,
+                scaler=scaler)
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            step_seconds += time.perf_counter() - t_step
             step += 1
+            pending.append((step, step / steps_per_epoch, loss.detach(), grad_norm.detach() if torch.is_tensor(grad_norm)
+                            else torch.tensor(float(grad_norm)), scheduler.get_last_lr()[0], 0.0))
+            if len(pending) >= cfg.log_every or step in snaps or step >= total_steps or \
+                    (stop is not None and stop.signal is not None):
+                flush_log()
+            step_seconds += time.perf_counter() - t_step
+            if pending:
+                pending[-1] = pending[-1][:5] + (step_seconds,)
+            else:
+                state["log"][-1]["step_seconds"] = step_seconds
             beat(step=step, what="training")
             bar.update(1)
-            state["log"].append({"step": step, "epoch": step / steps_per_epoch, "loss": float(loss.detach()),
-                                 "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
-                                 "step_seconds": step_seconds})
             if step in snaps:
                 _take_snapshot(cfg, model, state, step, step / steps_per_epoch, snaps, ca, evaluate_all, prep, save_variant, storage,
                                ckpt_dir)
                 if cfg.measures:
                     record_measures("snapshot", str(snaps.index(step) + 1), step)
                 model.train()
-                if cfg.save_resume_state and step < total_steps:
+            # the resume state (~9 GB for XLM-R large) at the first snapshot, then every resume_every_minutes of
+            # training (at whatever step), not at every snapshot; SIGUSR1/SIGTERM write it too (below)
+            if cfg.save_resume_state and step < total_steps and (
+                    (last_resume is None and step in snaps) or
+                    (last_resume is not None and time.monotonic() - last_resume >= 60 * cfg.resume_every_minutes)):
+                flush_log()
+                state["step"] = step
+                save_resume(out / "resume", model, optimizer, scheduler, state, ca, scaler)
+                last_resume = time.monotonic()
+                manifest["resume_writes"] = manifest.get("resume_writes", 0) + 1
+            if stop is not None and stop.signal is not None and step < total_steps:  # SIGUSR1/SIGTERM: state, then exit
+                bar.close()
+                if cfg.save_resume_state:
                     state["step"] = step
-                    save_resume(out / "resume", model, optimizer, scheduler, state, ca)
+                    save_resume(out / "resume", model, optimizer, scheduler, state, ca, scaler)
+                    manifest["resume_writes"] = manifest.get("resume_writes", 0) + 1
+                raise RunInterrupted(f"stopped after step {step} of {total_steps} by {stop.name}"
+                                     + ("; resume state written" if cfg.save_resume_state else ""))
             if stop_after_step is not None and step >= stop_after_step:
                 bar.close()
                 raise KeyboardInterrupt(f"stopped after step {step} (stop_after_step)")
             if step >= total_steps:
                 break
     bar.close()
+    if prefetch:
+        prefetch.shutdown()
     if final is None:
         before = set(manifest)
         if unfreezer:  # final tr(F), fisher.parquet, the schedule applied → manifest

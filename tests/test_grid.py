@@ -56,6 +56,19 @@ def write_grid(tmp_path: Path, **changes) -> Path:
      r"pipeline\[0\].parameters.methods: unknown merge method 'tie'"),
     (dict(pipeline=[{"notebook": "03_average.ipynb", "parameters": {"methods": {"ties": {"density": 2}}}}]),
      r"pipeline\[0\].parameters.methods.ties.density: expected 0 < density <= 1"),
+    # every value that goes into a job script is checked: a newline or a quote is an error, never shell
+    (dict(resources={"slurm": {"partition": "gpu\n#SBATCH --x"}}), r"resources.slurm.partition"),
+    (dict(resources={"slurm": {"partition": "gpu'; rm -rf ~"}}), r"resources.slurm.partition"),
+    (dict(resources={"slurm": {"account": 'a"b'}}), r"resources.slurm.account"),
+    (dict(resources={"slurm": {"qos": "hi gh"}}), r"resources.slurm.qos"),
+    (dict(resources={"slurm": {"time": "01:00:00\necho"}}), r"resources.slurm.time"),
+    (dict(resources={"slurm": {"setup": "module load cuda\nrm -rf /"}}), r"resources.slurm.setup\[0\]"),
+    (dict(resources={"slurm": {"setup": ["echo 'hi'"]}}), r"resources.slurm.setup\[0\]"),
+    (dict(resources={"slurm": {"extra_args": ["--constraint=a100 --x"]}}), r"resources.slurm.extra_args\[0\]"),
+    (dict(resources={"slurm": {"extra_args": ["--array=0-99"]}}), r"extra_args\[0\].*sets --array itself"),
+    (dict(resources={"slurm": {"signal_before_s": -1}}), r"resources.slurm.signal_before_s"),
+    (dict(pipeline=[{"notebook": "03_average.ipynb", "resources": {"gpu": 1}}]), r"pipeline\[0\].resources.gpu: unknown"),
+    (dict(pipeline=[{"notebook": "03_average.ipynb", "resources": {"mem": "lots"}}]), r"pipeline\[0\].resources.mem"),
 ])
 def test_invalid_grids_name_the_field(tmp_path, changes, match):
     path = write_grid(tmp_path, **changes)
@@ -194,6 +207,83 @@ def test_lock_on_another_host_is_stale_only_without_heartbeat(tmp_path):
     lock.release()
 
 
+def test_a_requeued_slurm_job_owns_the_lock_of_its_earlier_start(tmp_path, monkeypatch):
+    """Requeued (same job id, higher SLURM_RESTART_COUNT): the lock its first start left on another node is its
+    own at once, not someone else's for STALE_AFTER_S; a different job's lock is not."""
+    path = tmp_path / "r.lock"
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    path.write_text(json.dumps({"host": "node-gone", "pid": 1, "start": "0", "job_id": "4242", "restart": 0}))
+    assert not locks.is_stale(path)  # first start (restart 0) sees a live holder elsewhere
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    assert locks.is_stale(path)
+    lock = locks.acquire(path)
+    assert lock is not None and lock.info["restart"] == 1
+    lock.release()
+    path.write_text(json.dumps({"host": "node-gone", "pid": 1, "start": "0", "job_id": "4343", "restart": 0}))
+    assert not locks.is_stale(path)
+
+
+# --------------------------------------------------------------------------- SLURM job scripts (no SLURM needed)
+def _dry_run(tmp_path, **slurm):
+    res = {"slurm": dict({"gpus_per_run": 1, "cpus_per_task": 4, "mem": "32G", "time": "04:00:00"}, **slurm)}
+    spec = {"pipeline": [{"notebook": "03_average.ipynb", "parameters": {"r_max": 2, "n_samplings": 2}},
+                         {"notebook": "04_analysis.ipynb", "html": "report.html"}], "resources": res}
+    grid = G.load_grid(write_grid(tmp_path, **spec))
+    proc = subprocess.run([sys.executable, "-m", "ofa_lib.grid", "run", str(grid.path), "--backend", "slurm", "--dry-run"],
+                          cwd=REPO_ROOT, capture_output=True, text=True, env=dict(os.environ, PATH="/usr/bin:/bin"))
+    assert proc.returncode == 0, proc.stderr
+    scripts = [Path(line.strip()) for line in proc.stdout.splitlines() if line.strip().endswith(".sh")]
+    return grid, {p.name: p.read_text() for p in scripts}, proc.stdout
+
+
+def test_dry_run_writes_the_scripts_a_submission_would_and_submits_nothing(tmp_outputs, tmp_path):
+    grid, scripts, out = _dry_run(tmp_path, account="proj1", qos="normal", setup=["source .venv/bin/activate"],
+                                  extra_args=["--constraint=a100"])
+    assert "nothing submitted" in out and not G.submissions(grid)  # PATH has no sbatch: nothing was called
+    assert set(scripts) == {"head.sh", "array.sh", "step_03_average.sh", "step_04_analysis.sh"}
+    assert all(str(grid.state_dir / "slurm") in line for line in out.splitlines() if line.strip().endswith(".sh"))
+    for name, text in scripts.items():  # account, qos and extra args on every job; setup after cd
+        assert "#SBATCH --account=proj1" in text and "#SBATCH --qos=normal" in text and "--constraint=a100" in text
+        lines = text.splitlines()
+        assert lines.index("source .venv/bin/activate") == lines.index(f"cd {REPO_ROOT}") + 1
+    for name in ("head.sh", "array.sh"):  # training tasks: requeued when preempted, told before the time limit
+        assert "#SBATCH --requeue" in scripts[name] and "#SBATCH --signal=B:USR1@300" in scripts[name]
+        assert "#SBATCH --gres=gpu:1" in scripts[name]
+    assert "#SBATCH --gres=gpu:1" in scripts["step_03_average.sh"]  # 03_average evaluates: a GPU job
+    assert "--cpus-per-task=4" in scripts["step_03_average.sh"] and "--time=04:00:00" in scripts["step_03_average.sh"]
+    assert "gres" not in scripts["step_04_analysis.sh"] and "--cpus-per-task=1" in scripts["step_04_analysis.sh"]
+    assert "report " in scripts["step_04_analysis.sh"] and "--step 1" in scripts["step_04_analysis.sh"]
+    assert "requeue" not in scripts["step_04_analysis.sh"]
+
+
+def test_a_step_s_own_resources_win(tmp_outputs, tmp_path):
+    grid = G.load_grid(write_grid(tmp_path, pipeline=[
+        {"notebook": "03_average.ipynb", "resources": {"gpus": 2, "time": "1-00:00:00"}}, {"notebook": "04_analysis.ipynb"}]))
+    assert G.step_resources(grid, grid.pipeline[0])["gpus"] == 2
+    assert G.step_resources(grid, grid.pipeline[0])["time"] == "1-00:00:00"
+    assert G.step_resources(grid, grid.pipeline[1]) == {"gpus": 0, "cpus": 1, "mem": "1G", "time": "02:00:00"}  # smoke: 1G
+
+
+def test_a_half_failed_submission_cancels_what_it_queued(tmp_outputs, tmp_path, monkeypatch):
+    """The second sbatch is refused: the first job is cancelled, the attempt recorded, the error says so."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "calls.txt"
+    (bin_dir / "sbatch").write_text(f"#!/bin/bash\necho sbatch \"$@\" >> {calls}\n"
+                                    f"if [ $(grep -c ^sbatch {calls}) -ge 2 ]; then echo 'Invalid account' >&2; exit 1; fi\n"
+                                    "echo 777\n")
+    (bin_dir / "scancel").write_text(f"#!/bin/bash\necho scancel \"$@\" >> {calls}\n")
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    grid = G.load_grid("smoke")
+    with pytest.raises(G.GridError, match=r"half-way.*Invalid account.*cancelled the 1 job\(s\).*777"):
+        G.submit_slurm(grid)
+    assert calls.read_text().splitlines()[-1] == "scancel 777"
+    (record,) = G.submissions(grid)
+    assert record["cancelled"] == ["777"] and "Invalid account" in record["error"] and record["runs"] == {}
+
+
 # --------------------------------------------------------------------------- failures
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA to make runs fail")
 def test_failed_runs_are_recorded_and_the_rest_continue(tmp_outputs, tmp_path):
@@ -226,7 +316,7 @@ def test_local_grid_killed_with_sigkill_resumes_to_the_same_report(tmp_outputs):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     victim = grid.runs[1]
     deadline = time.time() + 300
-    while not (victim.dir / "resume" / "state.json").exists():  # killed after its first snapshot
+    while not (victim.dir / "resume" / "state.safetensors").exists():  # killed after its first snapshot
         assert proc.poll() is None, "the grid finished before it could be killed"
         assert time.time() < deadline
         time.sleep(0.2)
@@ -368,3 +458,38 @@ def test_a_runner_does_not_wait_forever_for_a_stuck_one(tmp_path, tmp_outputs, c
     finally:
         held.release()
     assert time.time() - start < 10 and "not waiting for it" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_sigterm_stops_a_local_grid_gracefully_and_the_rerun_finishes_it(tmp_outputs):
+    """SIGTERM to `grid run` during a run's training: within 60 s the runner exits (130) with that run's resume
+    state written and its lock released, no kernel left; the re-run resumes it and trains nothing twice."""
+    grid = G.load_grid("smoke")
+    env = dict(os.environ, OFA_OUTPUTS=str(tmp_outputs))
+    proc = subprocess.Popen([sys.executable, "-m", "ofa_lib.grid", "run", "smoke"], env=env, cwd=REPO_ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    victim = grid.runs[1]
+    deadline = time.time() + 300
+    while not (victim.dir / "resume").exists():  # in training, after its first snapshot
+        assert proc.poll() is None, "the grid finished before it could be stopped"
+        assert time.time() < deadline
+        time.sleep(0.2)
+    children = G._children(proc.pid)
+    proc.send_signal(signal.SIGTERM)
+    t0 = time.time()
+    out, _ = proc.communicate(timeout=90)
+    stopped_s = time.time() - t0
+    assert proc.returncode == 130 and stopped_s < 60, (proc.returncode, stopped_s, out[-2000:])
+    assert "stopping" in out
+    time.sleep(1)
+    assert not [pid for pid in children if Path(f"/proc/{pid}").exists()]  # workers and kernels are gone
+    assert locks.holder(G.lock_path(grid, victim)) is None and not G.failure_path(victim).exists()
+    manifest = json.loads((victim.dir / "manifest.json").read_text())
+    assert manifest["status"] == "interrupted" and "SIGTERM" in manifest["error"]
+    assert G.run_state(grid, victim) == "todo" and (victim.dir / "resume").exists()
+    head_mtime = (grid.runs[0].dir / "manifest.json").stat().st_mtime
+
+    assert G.run(grid) == 0
+    assert all(G.run_state(grid, r) == "done" for r in grid.runs)
+    assert (grid.runs[0].dir / "manifest.json").stat().st_mtime == head_mtime
+    assert "resuming run" in (victim.dir / "02_train.ipynb").read_text()

@@ -48,11 +48,15 @@ def test_smoke_grid_runs_as_a_slurm_job_array(slurm, tmp_outputs):
     status = subprocess.run([sys.executable, "-m", "ofa_lib.grid", "status", "smoke"], cwd=REPO_ROOT,
                             capture_output=True, text=True, check=True).stdout
     assert status.count(" done") == 3 and record["array_job"] + "_1" in status
-    # a second submission has nothing to train: only the report job (cancelled: it would repeat the report)
+    steps = record["step_jobs"]  # one job per pipeline step, each finished
+    assert list(steps) == ["03_average", "04_analysis"] and record["report_job"] == steps["03_average"]
+    for job in steps.values():
+        assert slurm_cluster.job_states(slurm, job) == {job: "COMPLETED"}
+    # a second submission has nothing to train: only the pipeline jobs (cancelled: they would repeat the report)
     again = G.submit_slurm(grid)
     assert again["head_job"] is None and again["array_job"] is None and again["report_job"]
-    assert set(G.squeue([again["report_job"]])) == {again["report_job"]}
-    slurm.run("scancel", again["report_job"])
+    assert set(G.squeue(list(again["step_jobs"].values()))) == set(again["step_jobs"].values())
+    slurm.run("scancel", *again["step_jobs"].values())
     print(f"smoke grid on SLURM: {seconds:.0f} s")
 
 
@@ -65,10 +69,106 @@ def test_slurm_status_reads_the_scheduler(slurm, tmp_outputs):
     head = grid.runs[0]
     assert table.set_index("run_id").loc[head.run_id, "state"] == "queued"
     assert table.set_index("run_id").loc[head.run_id, "job"] == record["head_job"]
-    ids = [record[k] for k in ("head_job", "array_job", "report_job")]
+    ids = [record[k] for k in ("head_job", "array_job")] + list(record["step_jobs"].values())
     slurm.run("scancel", *ids)
     deadline = time.time() + 30
     while G.squeue(ids) and time.time() < deadline:
         time.sleep(0.5)
     assert not G.squeue(ids)
     assert set(G.plan_table(grid).state) == {"todo"}
+
+
+def _grid_file(tmp_path, **changes):
+    import yaml
+
+    spec = yaml.safe_load((REPO_ROOT / "params" / "grids" / "smoke.yaml").read_text())
+    spec.update(changes)
+    path = tmp_path / "g.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return G.load_grid(path)
+
+
+def _wait_gone(ids, timeout_s=120):
+    deadline = time.time() + timeout_s
+    while G.squeue(ids) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not G.squeue(ids), G.squeue(ids)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA to make the head fail")
+def test_a_failed_head_job_cancels_its_dependents_and_status_says_why(slurm, tmp_outputs, tmp_path):
+    grid = _grid_file(tmp_path, train={"top_k": 2, "device": "cuda"})  # fails in the first cell: no CUDA here
+    record = G.submit_slurm(grid)
+    ids = [record["head_job"], record["array_job"], *record["step_jobs"].values()]
+    _wait_gone(ids)
+    assert slurm_cluster.job_states(slurm, record["head_job"]) == {record["head_job"]: "FAILED"}
+    assert set(slurm_cluster.job_states(slurm, record["array_job"]).values()) == {"CANCELLED"}
+    for job in record["step_jobs"].values():
+        assert slurm_cluster.job_states(slurm, job) == {job: "CANCELLED"}
+    table = G.plan_table(grid).set_index("run_id")
+    head = grid.runs[0]
+    assert table.loc[head.run_id, "state"] == "failed" and "DeviceError" in table.loc[head.run_id, "error"]
+    for run in grid.runs[1:]:
+        assert table.loc[run.run_id, "state"] == "cancelled"
+        assert f"head-tuning run {head.run_id} failed" in table.loc[run.run_id, "error"]
+
+
+def test_a_task_that_finds_its_run_held_is_reported_as_skipped(slurm, tmp_outputs, tmp_path):
+    from ofa_lib import locks
+
+    grid = _grid_file(tmp_path, head_tuning=None, grid={"lr": [1.0e-4], "batch_size": [8], "seed": [1]},
+                      train={"top_k": 2, "head": "init:0"})
+    (run,) = grid.runs
+    held = locks.acquire(G.lock_path(grid, run))  # this live process holds it
+    try:
+        record = G.submit_slurm(grid)
+        _wait_gone([record["array_job"]])
+        slurm.run("scancel", *record["step_jobs"].values())
+        row = G.plan_table(grid).set_index("run_id").loc[run.run_id]
+        assert row["state"] == "running"  # still held: the holder is alive
+    finally:
+        held.release()
+    row = G.plan_table(grid).set_index("run_id").loc[run.run_id]
+    assert row["state"] == "skipped" and f"pid {held.info['pid']}" in row["error"], row.to_dict()
+    status = subprocess.run([sys.executable, "-m", "ofa_lib.grid", "status", str(grid.path)], cwd=REPO_ROOT,
+                            capture_output=True, text=True, check=True).stdout
+    assert "skipped" in status
+
+
+def test_scontrol_requeue_of_a_running_task_resumes_from_its_state(slurm, tmp_outputs, tmp_path):
+    """A running smoke task is requeued (as preemption does): SIGTERM reaches its training loop, which writes its
+    resume state and stops; the requeued task resumes from that state and finishes with exactly the metrics of
+    an uninterrupted run."""
+    import pandas as pd
+
+    from ofa_lib import training
+
+    grid = _grid_file(tmp_path, head_tuning=None, grid={"lr": [1.0e-4], "batch_size": [8], "seed": [1]},
+                      train={"top_k": 2, "head": "init:0", "epochs": 30, "num_snapshots": 3}, pipeline=[
+                          {"notebook": "04_analysis.ipynb", "parameters": {"sampling_seeds": "all"}}])
+    (run,) = grid.runs
+    record = G.submit_slurm(grid)
+    task = record["runs"][run.run_id]
+    log = run.dir / "resume"
+    deadline = time.time() + 240
+    while time.time() < deadline:  # training has started once a snapshot's resume state or a device is recorded
+        manifest = training.read_manifest(run.dir) or {}
+        if manifest.get("device") and manifest.get("status") == "running":
+            break
+        time.sleep(0.5)
+    assert manifest.get("status") == "running", manifest
+    time.sleep(3)
+    slurm.run("scontrol", "requeue", task)
+    _wait_gone([record["array_job"]], timeout_s=600)
+    assert G.run_state(grid, run) == "done", list(run.dir.iterdir())
+    notebook = (run.dir / "02_train.ipynb").read_text()
+    assert "resuming run" in notebook  # the second start resumed, not retrained
+    failed_nb = run.dir / "02_train.failed.ipynb"
+    assert failed_nb.is_file() and "RunInterrupted" in failed_nb.read_text()  # the first start's stop
+    assert not G.failure_path(run).exists()
+    slurm.run("scancel", *record["step_jobs"].values(), check=False)
+
+    reference = training.run_training(run.cfg, tmp_path / "reference", progress=False)
+    ours = pd.read_parquet(run.dir / "metrics.parquet").sort_values(["kind", "name", "dataset", "lang", "split", "metric"])
+    ref = pd.read_parquet(reference / "metrics.parquet").sort_values(["kind", "name", "dataset", "lang", "split", "metric"])
+    assert ours.value.tolist() == ref.value.tolist()

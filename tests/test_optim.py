@@ -195,3 +195,49 @@ def test_config_fields_and_validation():
     with pytest.raises(config.ConfigError, match="margin_src"):
         config.make_config("qa", "smoke", measures=["margin_src"])
     assert optim.attn_implementation("fisher_penalty") == "eager" and optim.attn_implementation("sam") is None
+
+
+def test_fp16_grad_scaler_steps_and_skips_overflowing_steps():
+    """fp16 autocast with a GradScaler: a normal step moves the weights and clips the unscaled gradient; a
+    step whose scaled gradients overflow is skipped (weights unchanged) and the scale halves."""
+    model = _tiny_bert("seq", attn=None)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    before = copy.deepcopy(model.state_dict())
+    loss, norm = optim.train_step(model, _bert_batch("seq"), opt, autocast_dtype=torch.float16, scaler=scaler)
+    assert torch.isfinite(loss) and torch.isfinite(norm) and scaler.get_scale() == 2.0 ** 8
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+    opt.zero_grad(set_to_none=True)
+    huge = torch.amp.GradScaler("cpu", init_scale=2.0 ** 120)  # scaled fp16 gradients overflow
+    before = copy.deepcopy(model.state_dict())
+    optim.train_step(model, _bert_batch("seq"), opt, autocast_dtype=torch.float16, scaler=huge)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert huge.get_scale() == 2.0 ** 119
+    with pytest.raises(ValueError, match="'adamw' only"):
+        optim.train_step(model, _bert_batch("seq"), opt, method="sam", scaler=scaler)
+
+
+def test_gradient_accumulation_takes_the_step_of_the_whole_batch():
+    """Two micro-batches of 2 examples make the same AdamW step as the batch of 4 (sequence classification: the
+    batch loss is the mean over examples), and the reported loss is the batch's."""
+    batch = _bert_batch("seq")
+    halves = [{k: v[:2] for k, v in batch.items()}, {k: v[2:] for k, v in batch.items()}]
+    results = []
+    for b in (batch, halves):
+        model = _tiny_bert("seq")
+        model.train()
+        model.config.hidden_dropout_prob = model.config.attention_probs_dropout_prob = 0.0
+        for m in model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        loss, norm = optim.train_step(model, b, opt, max_grad_norm=10.0)
+        results.append((loss, norm, model.state_dict()))
+    (l1, n1, w1), (l2, n2, w2) = results
+    torch.testing.assert_close(l1, l2, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(n1, n2, rtol=1e-4, atol=1e-6)
+    for k in w1:
+        torch.testing.assert_close(w1[k], w2[k], rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="micro-batches"):
+        optim.train_step(_tiny_bert("seq"), halves, opt, method="sam")

@@ -60,3 +60,25 @@ def test_every_notebook_refuses_an_undeclared_parameter(tmp_path, notebook):
     with pytest.raises(papermill.PapermillExecutionError, match=r"unknown parameter\(s\) 'r_maks'"):
         papermill.execute_notebook(f"notebooks/{notebook}.ipynb", str(tmp_path / "out.ipynb"), kernel_name="python3",
                                    progress_bar=False, parameters={"r_maks": 2}, cwd="notebooks")
+
+
+def test_train_notebook_refuses_cuda_without_it_in_its_first_cell(tmp_path):
+    """A GPU job on a node without usable CUDA fails before any work, naming the node and the torch build."""
+    import platform
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    out = tmp_path / "out.ipynb"
+    with pytest.raises(papermill.PapermillExecutionError, match=rf"DeviceError.*needs CUDA.*{platform.node()}.*torch 2\.13"):
+        papermill.execute_notebook(
+            "notebooks/02_train.ipynb", str(out), kernel_name="python3", progress_bar=False,
+            parameters={"preset": "smoke", "device": "cuda", "output_root": str(tmp_path / "runs")},
+        )
+    assert not (tmp_path / "runs").exists()
+    cells = nbformat.read(out, as_version=4).cells
+    code = [i for i, c in enumerate(cells) if c.cell_type == "code"]
+    injected = next(i for i in code if "injected-parameters" in cells[i].metadata.get("tags", []))
+    failed = [i for i in code if any(o.get("output_type") == "error" for o in cells[i].get("outputs", []))]
+    assert failed == [code[code.index(injected) + 1]]  # the first code cell after the parameters

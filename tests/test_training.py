@@ -213,13 +213,42 @@ def test_interrupted_run_resumes_to_identical_metrics(finished, tmp_path):
         training.run_training(cfg, tmp_path, progress=False, stop_after_step=4)
     partial = tmp_path / cfg.run_id
     assert json.loads((partial / "manifest.json").read_text())["status"] == "failed"
-    assert (partial / "resume" / "state.json").is_file()
+    assert (partial / "resume" / "state.safetensors").is_file() and not (partial / "resume" / "state.json").exists()
     assert not training.is_done(cfg, tmp_path)
     training.run_training(cfg, tmp_path, progress=False)
     pd.testing.assert_frame_equal(values(partial), values(out))  # resumed == uninterrupted, bit for bit
 
 
 # ----------------------------------------------------------------------------- heads
+def test_sigusr1_writes_one_resume_file_between_snapshots_and_the_rerun_resumes_exactly(finished, tmp_path, monkeypatch):
+    """SLURM's notice (SIGUSR1) during step 3 (between snapshots): the run stops after that step with its resume
+    state in one file, marked interrupted, not failed; the re-run resumes at step 3 and ends bit for bit as the
+    uninterrupted run."""
+    from ofa_lib import optim
+
+    cfg, out, _ = finished
+    real, calls = optim.train_step, []
+
+    def signalling(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(training.optim, "train_step", signalling)
+    with pytest.raises(training.RunInterrupted, match="after step 3 of 6 by SIGUSR1; resume state written"):
+        training.run_training(cfg, tmp_path, progress=False)
+    monkeypatch.undo()
+    partial = tmp_path / cfg.run_id
+    manifest = json.loads((partial / "manifest.json").read_text())
+    assert manifest["status"] == "interrupted" and manifest["resume_writes"] == 2  # snapshot 1, then the signal
+    assert sorted(p.name for p in (partial / "resume").iterdir()) == ["state.safetensors"]
+    meta = json.loads(averaging.read_metadata(partial / "resume" / "state.safetensors")["ofa_resume"])
+    assert meta["state"]["step"] == 3
+    training.run_training(cfg, tmp_path, progress=False)
+    pd.testing.assert_frame_equal(values(partial), values(out))
+
+
 def test_head_training_then_frozen_aligned_heads(tmp_path):
     head_run = training.run_training(smoke(head="train", top_k=0), tmp_path, progress=False)
     head_file = head_run / "head.safetensors"
@@ -360,3 +389,105 @@ def test_a_damaged_checkpoint_is_named(finished, tmp_path, damage):
     for read in (ckpt_io.checkpoint_info, ckpt_io.load_checkpoint, ckpt_io.TensorReader):
         with pytest.raises(ckpt_io.CorruptCheckpointError, match=re.escape(str(bad))):
             read(bad)
+
+
+# ----------------------------------------------------------------------------- precision and device from the hardware
+def _fake_cuda(monkeypatch, cc, name="Tesla V100-SXM2-32GB"):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: cc)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+
+
+def test_auto_precision_follows_the_cuda_compute_capability(monkeypatch):
+    cuda = torch.device("cuda")
+    _fake_cuda(monkeypatch, (7, 0))
+    assert training.resolve_precision("auto", cuda)[0] == "fp16"           # V100: fp16 with a GradScaler
+    assert training.resolve_precision("auto", cuda, "sam")[0] == "fp32"    # the scaler does not cover SAM
+    assert training.resolve_precision("fp16", cuda)[0] == "fp16"
+    with pytest.raises(training.DeviceError, match=r"precision='bf16'.*V100.*compute capability 7\.0"):
+        training.resolve_precision("bf16", cuda)
+    with pytest.raises(training.DeviceError, match="GradScaler.*sam"):
+        training.resolve_precision("fp16", cuda, "sam")
+    _fake_cuda(monkeypatch, (8, 0), "NVIDIA A100-SXM4-80GB")
+    assert training.resolve_precision("auto", cuda) == ("bf16", "auto: NVIDIA A100-SXM4-80GB (compute capability 8.0) has native bf16")
+    assert training.resolve_precision("fp32", cuda)[0] == "fp32"
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_auto_precision_on_a_cpu_is_bf16_only_where_it_is_native(monkeypatch, native):
+    support = dict(training.cpu_precision_support(), avx512_bf16=native, amx_tile=False, amx_fp16=False)
+    monkeypatch.setattr(training, "cpu_precision_support", lambda: support)
+    cpu = torch.device("cpu")
+    assert training.resolve_precision("auto", cpu)[0] == ("bf16" if native else "fp32")
+    if native:
+        assert training.resolve_precision("bf16", cpu)[0] == "bf16"
+    else:  # refused, not emulated
+        with pytest.raises(training.DeviceError, match="precision='bf16'.*no native bf16"):
+            training.resolve_precision("bf16", cpu)
+    with pytest.raises(training.DeviceError, match="precision='fp16'.*no native fp16"):
+        training.resolve_precision("fp16", cpu)
+
+
+def test_this_cpus_auto_precision_is_what_it_reports():
+    support = training.cpu_precision_support()
+    picked, why = training.resolve_precision("auto", torch.device("cpu"))
+    assert picked == ("bf16" if support["avx512_bf16"] or support["amx_tile"] else "fp32"), (support, why)
+
+
+def test_explicit_precisions_keep_their_run_ids_and_auto_is_the_default():
+    # ids computed by the code before precision 'auto' existed: explicit settings must not move
+    assert config.make_config("nli", "smoke", precision="fp32").run_id == "nli-cd6cbe0b36ca"
+    assert config.make_config("nli", "cpu", precision="bf16").run_id == "nli-bab4accd8de9"
+    assert {config.make_config("nli", p).precision for p in config.PRESETS} == {"auto"}
+    assert config.make_config("nli", "smoke").run_id != "nli-cd6cbe0b36ca"
+
+
+def test_no_silent_cpu_fallback(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for device, preset in (("cuda", "smoke"), (None, "paper"), ("auto", "paper")):
+        with pytest.raises(training.DeviceError, match=rf"needs CUDA.*node {re.escape(os.uname().nodename)}.*torch 2\.13"):
+            training.resolve_device(device, preset)
+    assert training.resolve_device(None, "smoke") == torch.device("cpu")
+    assert training.resolve_device("cpu", "paper") == torch.device("cpu")  # on purpose
+    with pytest.raises(training.DeviceError, match="device='tpu'"):
+        training.resolve_device("tpu")
+
+
+def test_cuda_arch_support_of_a_torch_build():
+    built = ["sm_80", "sm_86", "sm_90", "sm_100", "sm_120", "compute_120"]
+    assert not training.cuda_arch_supported((7, 0), built)      # V100 on a wheel without sm_70
+    assert training.cuda_arch_supported((8, 9), built)          # L4/4090: sm_86 binaries run on 8.9
+    assert training.cuda_arch_supported((7, 0), ["sm_50", "sm_60", "sm_70", "sm_75"])
+    assert training.cuda_arch_supported((9, 0), ["sm_80", "compute_80"])  # PTX JIT
+
+
+def test_a_run_records_the_precision_it_used(finished):
+    _, out, _ = finished
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["params"]["precision"] == "auto"
+    assert manifest["precision"] == training.resolve_precision("auto", torch.device("cpu"))[0]
+    assert manifest["precision_reason"].startswith("auto: CPU")
+
+
+def test_grad_accum_steps_keeps_the_effective_batch_and_new_knobs_keep_old_ids():
+    base = config.make_config("nli", "smoke", precision="fp32")
+    assert config.make_config("nli", "smoke", precision="fp32", log_every=7, resume_every_minutes=5).run_id == base.run_id
+    assert config.make_config("nli", "smoke", precision="fp32", grad_accum_steps=2).run_id != base.run_id
+    with pytest.raises(ConfigError, match=r"parameter grad_accum_steps=3.*divisor of batch_size=8"):
+        config.make_config("nli", "smoke", grad_accum_steps=3)
+    with pytest.raises(ConfigError, match=r"parameter grad_accum_steps=2.*optimizer='sam'"):
+        config.make_config("nli", "smoke", grad_accum_steps=2, optimizer="sam")
+    with pytest.raises(ConfigError, match="parameter resume_every_minutes"):
+        config.make_config("nli", "smoke", resume_every_minutes=0)
+
+
+def test_the_cost_model_counts_the_bytes_a_run_keeps(finished):
+    """ofa_lib.cost's kept bytes for a run (variants in their storage dtype, CA in fp32, top-k) against the
+    checkpoint files the run left."""
+    from ofa_lib import cost
+
+    cfg, out, _ = finished
+    manifest = json.loads((out / "manifest.json").read_text())
+    kept, written, before = cost.run_bytes(cfg, manifest["vocab_size"], cfg.num_snapshots - 1, 0)
+    actual = sum(p.stat().st_size for p in (out / "checkpoints").glob("*.safetensors"))
+    assert abs(kept - actual) / actual < 0.05, (kept, actual)
+    assert before > written > kept  # resume states add to what is written, not to what is kept

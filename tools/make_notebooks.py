@@ -162,7 +162,7 @@ def train_notebook() -> nbformat.NotebookNode:
             "freeze_embeddings = None\n"
             "trim_vocab = None\n"
             "head = None                  # 'init:<seed>' | 'train' | path/to/head.safetensors (frozen)\n"
-            "precision = None             # fp32 | bf16 | fp16 (autocast on CUDA)\n"
+            "precision = None             # auto (from the hardware) | fp32 | bf16 | fp16 (GradScaler)\n"
             "storage_dtype = None         # fp16 | bf16 | fp32 for stored variants (CA always fp32)\n"
             "top_k = None                 # keep the k best snapshots by English dev (for soups)\n"
             "label_all_subtokens = None   # NER: the authors' sub-token labelling and scoring\n"
@@ -178,8 +178,11 @@ def train_notebook() -> nbformat.NotebookNode:
             "fisher_every = None          # m: tr(F) per block every m steps into fisher.parquet (0: off)\n"
             "fisher_batches = None        # training batches per tr(F) estimate (40)\n"
             "fisher_labels = None         # sample (true Fisher) | argmax (the authors' code)\n"
+            "grad_accum_steps = None      # micro-batches per step; batch_size stays the effective batch size (1)\n"
+            "log_every = None             # loss and grad norm copied from the device every N steps (50)\n"
+            "resume_every_minutes = None  # resume state written this often, and on SIGUSR1/SIGTERM (30)\n"
             "output_root = None           # default outputs/runs\n"
-            "device = None                # default: cuda if available else cpu\n"
+            "device = None                # auto: cuda for the paper preset (fails without it), else cuda if available, else cpu\n"
             "threads = None               # torch CPU threads\n",
             metadata={"tags": ["parameters"]}),
         new_code_cell(
@@ -190,6 +193,8 @@ def train_notebook() -> nbformat.NotebookNode:
             "    torch.set_num_threads(int(threads))\n"
             "knobs = {k: v for k, v in globals().items() if k in config.TrainConfig.__dataclass_fields__}\n"
             "cfg = config.make_config(**knobs)  # fails here, naming the parameter, before any work\n"
+            "run_device, run_precision, why = training.resolve_runtime(cfg, device)  # no CUDA / no bf16: fails here\n"
+            "print(f\"device {run_device}, precision {run_precision} ({why})\")\n"
             "runs.config_table(cfg)"),
         new_markdown_cell("## Train (or resume, or skip if this run is already done)"),
         new_code_cell("path = training.run_training(cfg, output_root, device=device)\nrun = runs.load_run(path)\nrun.summary()"),
@@ -218,7 +223,7 @@ def average_notebook() -> nbformat.NotebookNode:
             "                             # e.g. {\"uniform\": {}, \"ties\": {\"density\": 0.2, \"lambda\": 1.0}}\n"
             "method_variants = None       # variants the methods other than uniform merge (None: all of `variants`)\n"
             "keep_checkpoints = False     # write the averaged weights under <runs_root>/../averages/\n"
-            "device = None                # default: cuda if available else cpu\n"
+            "device = None                # auto: cuda for the paper preset (fails without it), else cuda if available, else cpu\n"
             "threads = None               # torch CPU threads\n",
             metadata={"tags": ["parameters"]}),
         new_markdown_cell(
@@ -420,7 +425,7 @@ def measures_notebook() -> nbformat.NotebookNode:
             "r_max = 10\n"
             "flat_variant = \"ca\"          # whose weights are averaged for the flatness question\n"
             "flat_samplings = 3           # how many samplings' averages are measured (0: skip)\n"
-            "device = None                # default: cuda if available else cpu\n"
+            "device = None                # auto: cuda for the paper preset (fails without it), else cuda if available, else cpu\n"
             "threads = None               # torch CPU threads\n",
             metadata={"tags": ["parameters"]}),
         new_markdown_cell(
@@ -556,7 +561,7 @@ def unfreezing_notebook() -> nbformat.NotebookNode:
             "average_variants = [\"last\", \"ca\"]  # accumulative averaging per setting (0 settings: skipped)\n"
             "r_max = 4                    # capped at the number of (lr, batch) configurations per setting\n"
             "n_samplings = 3\n"
-            "device = None                # default: cuda if available else cpu\n"
+            "device = None                # auto: cuda for the paper preset (fails without it), else cuda if available, else cpu\n"
             "threads = None               # torch CPU threads\n",
             metadata={"tags": ["parameters"]}),
         new_markdown_cell(
