@@ -330,7 +330,7 @@ def _slurm_spec(path: Path, spec: Any) -> Slurm:
     """``resources.slurm`` validated: every value that is written into a job script is checked, so a newline or a
     quote becomes a :class:`GridError` naming the field, never a line of shell."""
     if not isinstance(spec, dict):
-        raise _err(path, "resources.slurm", f"expected a mapping, got {type(spec).__name__}")
+        raise _err(path, "resources.slurm", f"{spec!r}: expected a mapping of SLURM settings")
     bad = sorted(set(spec) - SLURM_KEYS)
     if bad:
         raise _err(path, f"resources.slurm.{bad[0]}", f"unknown; known: {sorted(SLURM_KEYS)}")
