@@ -12,7 +12,7 @@ SHELL := /bin/bash
 # pip.conf on these machines names index folders that may not exist: hide that noise only
 QUIET := 2>&1 | { grep -v 'is ignored' || true; }
 
-.PHONY: gpu-check install test demo demo-sam demo-unfreezing reproduce-paper bench clean-outputs
+.PHONY: gpu-check install lint test demo demo-sam demo-unfreezing reproduce-paper bench clean-outputs
 
 install: $(STAMP)
 
@@ -27,7 +27,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $(STAMP)
 
-test: install
+# ruff over the package, tests, benchmarks, tools and notebooks (rules in pyproject.toml)
+lint: install
+	$(BIN)/ruff check ofa_lib tests benchmarks tools notebooks
+
+test: lint
 	$(OFFLINE) $(BIN)/python -m pytest -q tests
 
 demo: install

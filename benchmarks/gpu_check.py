@@ -134,7 +134,7 @@ def throughput_check(accum: int, steps: int) -> dict:
            "xlmr-large", "--task", "qa", "--max-length", "384", "--batch-size", "64", "--steps", str(steps),
            "--repeats", "1", "--grad-accum", str(accum)]
     subprocess.run(cmd, cwd=_c.REPO, check=True, timeout=400)
-    name = f"training_cuda_xlmr-large_qa384" + (f"_accum{accum}" if accum > 1 else "")
+    name = "training_cuda_xlmr-large_qa384" + (f"_accum{accum}" if accum > 1 else "")
     return json.loads((_c.RAW_DIR / f"{name}.json").read_text())
 
 

@@ -35,13 +35,16 @@ import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from . import config, data, locks
 from .io import write_json, write_text
 from .paths import REPO_ROOT, outputs_dir
+
+if TYPE_CHECKING:  # pandas is imported where tables are built: `grid status` starts fast without it
+    import pandas as pd
 
 GRIDS_DIR = REPO_ROOT / "params" / "grids"
 NOTEBOOKS = REPO_ROOT / "notebooks"

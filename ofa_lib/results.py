@@ -136,7 +136,7 @@ def _dtype_ok(series: pd.Series, want: str) -> bool:
     if want == "str":
         if isinstance(dt, pd.StringDtype):
             return True
-        return dt == object and series.map(lambda v: isinstance(v, str)).all()
+        return dt == np.dtype(object) and series.map(lambda v: isinstance(v, str)).all()
     return str(dt) == want
 
 
@@ -543,7 +543,7 @@ def import_released(
     scale = SCALE[task]
     cz = _parse_columns(zs.columns, task)
     cr = _parse_columns(ra.columns, task)
-    targets_z = sorted({(d, l) for d, l in zip(cz["dataset"], cz["lang"]) if l != SOURCE_LANG})
+    targets_z = sorted({(d, lang) for d, lang in zip(cz["dataset"], cz["lang"]) if lang != SOURCE_LANG})
     if len(targets_z) != N_TARGETS[task]:
         raise ValueError(f"{task}: expected {N_TARGETS[task]} target languages, found {len(targets_z)}")
     # --- run table straight from the wide frame (flat mean over target columns)

@@ -26,7 +26,6 @@ average rows, samplings are drawn with :func:`sample_runs` (seeds ``0 .. n_sampl
 
 from __future__ import annotations
 
-import os
 import warnings
 from dataclasses import dataclass
 from typing import Iterable, Sequence

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ofa_lib import averaging, ckpt_io
+from ofa_lib import ckpt_io
 from ofa_lib.averaging import (
     CheckpointMismatchError,
     NonFiniteError,

@@ -14,7 +14,7 @@ import warnings
 import datasets
 import pytest
 
-from hub_fixtures import build_hub_root, mirror_rows
+from hub_fixtures import build_hub_root
 from ofa_lib import config, data, datacli, features, hub
 from ofa_lib.paths import REPO_ROOT
 

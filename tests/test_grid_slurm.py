@@ -149,7 +149,6 @@ def test_scontrol_requeue_of_a_running_task_resumes_from_its_state(slurm, tmp_ou
     (run,) = grid.runs
     record = G.submit_slurm(grid)
     task = record["runs"][run.run_id]
-    log = run.dir / "resume"
     deadline = time.time() + 240
     while time.time() < deadline:  # training has started once a snapshot's resume state or a device is recorded
         manifest = training.read_manifest(run.dir) or {}

@@ -170,9 +170,9 @@ def test_tydiqa_ydiqa_quirk_and_percentages(released):
     assert ra_cols["column"].str.startswith("ydiqa_").all()
     assert set(ra_cols["dataset"]) == {"tydiqa"}
     assert set(ra_cols["metric"]) == {"f1"}  # exact_match ignored
-    assert sorted(l for _, l in ty.targets) == ["ar", "bn", "fi", "id", "ko", "ru", "sw", "te"]
+    assert sorted(lang for _, lang in ty.targets) == ["ar", "bn", "fi", "id", "ko", "ru", "sw", "te"]
     # released percentages are divided by 100
-    raw = ty.cross[[f"ydiqa_{l}_f1" for _, l in ty.targets]].mean(axis=1) / 100
+    raw = ty.cross[[f"ydiqa_{lang}_f1" for _, lang in ty.targets]].mean(axis=1) / 100
     np.testing.assert_allclose(ty.averages.sort_index()["score"].sort_values().values,
                                np.sort(raw.values), rtol=1e-12)
     assert ty.averages["score"].between(0, 1).all()

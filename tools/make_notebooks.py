@@ -543,7 +543,7 @@ def measures_notebook() -> nbformat.NotebookNode:
             "    display(flat.drop(columns=[\"members\"]).round(5))\n"
             "else:\n"
             "    print(\"skipped (flat_samplings=0, no sharpness measure, or a single run)\")"),
-        new_markdown_cell(f"Tables (CSV) and figures (PNG, SVG) are in the output directory."),
+        new_markdown_cell("Tables (CSV) and figures (PNG, SVG) are in the output directory."),
         new_code_cell("print(out)"),
     ]
     return new_notebook(cells=cells, metadata=KERNEL)
