@@ -16,6 +16,7 @@ import torch
 from ofa_lib import averaging, config, crossrun, training
 from ofa_lib import results as R
 from ofa_lib import selection as S
+from ofa_lib.io import file_sha256
 from ofa_lib.paths import REPO_ROOT
 
 pytestmark = [pytest.mark.slow,  # expected on this grid (asserted once in the fixture)
@@ -166,6 +167,8 @@ def _fake_run(grid: Path, tmp: Path, name: str, change) -> Path:
     m = json.loads((real[0] / "manifest.json").read_text())
     m["run_id"] = dst.name
     change(m, dst)
+    # the stand-in recorded the hashes of the files it has, as a real run does when it writes them
+    m["checkpoint_sha256"] = {str(f.relative_to(dst)): file_sha256(f) for f in (dst / "checkpoints").iterdir()}
     (dst / "manifest.json").write_text(json.dumps(m))
     return root
 
