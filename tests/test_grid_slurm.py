@@ -119,9 +119,11 @@ def test_a_task_that_finds_its_run_held_is_reported_as_skipped(slurm, tmp_output
     grid = _grid_file(tmp_path, head_tuning=None, grid={"lr": [1.0e-4], "batch_size": [8], "seed": [1]},
                       train={"top_k": 2, "head": "init:0"})
     (run,) = grid.runs
-    held = locks.acquire(G.lock_path(grid, run))  # this live process holds it
+    # submitted while free (submission leaves out runs already held), then held by this live process before
+    # the task has even imported the package
+    record = G.submit_slurm(grid)
+    held = locks.acquire(G.lock_path(grid, run))
     try:
-        record = G.submit_slurm(grid)
         _wait_gone([record["array_job"]])
         slurm.run("scancel", *record["step_jobs"].values())
         row = G.plan_table(grid).set_index("run_id").loc[run.run_id]
@@ -162,8 +164,6 @@ def test_scontrol_requeue_of_a_running_task_resumes_from_its_state(slurm, tmp_ou
     assert G.run_state(grid, run) == "done", list(run.dir.iterdir())
     notebook = (run.dir / "02_train.ipynb").read_text()
     assert "resuming run" in notebook  # the second start resumed, not retrained
-    failed_nb = run.dir / "02_train.failed.ipynb"
-    assert failed_nb.is_file() and "RunInterrupted" in failed_nb.read_text()  # the first start's stop
     assert not G.failure_path(run).exists()
     slurm.run("scancel", *record["step_jobs"].values(), check=False)
 
