@@ -32,7 +32,8 @@ import subprocess
 import sys
 import time
 import traceback
-from concurrent.futures import ProcessPoolExecutor, as_completed
+import concurrent.futures
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -627,6 +628,22 @@ def clean_temp_notebooks(out: Path) -> list[Path]:
     return litter
 
 
+def _kernel_manager_class() -> type:
+    """The kernels' transport: local sockets (IPC, files only this user can open) on POSIX, so kernels are not
+    reachable over TCP and do not warn that they are; TCP where there are no such sockets (Windows)."""
+    from jupyter_client.manager import AsyncKernelManager
+
+    if os.name == "nt":
+        return AsyncKernelManager
+
+    class IPCKernelManager(AsyncKernelManager):
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self.transport = "ipc"
+
+    return IPCKernelManager
+
+
 def execute_notebook(notebook: str | Path, out: Path, parameters: dict[str, Any], *, cwd: Path = NOTEBOOKS,
                      stall_timeout: float | None = None, run_timeout: float | None = None) -> Path:
     """Run a notebook with papermill into ``out``: written to a temp name, renamed when it succeeded.
@@ -642,7 +659,7 @@ def execute_notebook(notebook: str | Path, out: Path, parameters: dict[str, Any]
     with watchdog:
         try:
             papermill.execute_notebook(str(NOTEBOOKS / notebook), str(tmp), parameters=parameters, kernel_name="python3",
-                                       cwd=str(cwd), progress_bar=False)
+                                       cwd=str(cwd), progress_bar=False, kernel_manager_class=_kernel_manager_class())
         except BaseException as exc:
             if tmp.exists():
                 os.replace(tmp, out.with_name(f"{out.stem}.failed.ipynb"))
@@ -836,6 +853,21 @@ def _gave_up_on(grid: Grid, run: Run, since: float) -> bool:
     return True
 
 
+def running_progress(runs: list[Run]) -> str:
+    """What the runs now executing report of themselves (their kernels' :mod:`ofa_lib.progress` beats), for the
+    grid's bar: ``sib-f76a… step 34/88 (training)``; runs not started yet say nothing."""
+    from . import progress
+
+    parts = []
+    for run in runs:
+        # one file per execution (.02_train.<runner pid>.progress.json); a file can vanish as its run ends
+        infos = [progress.read(p) for p in run.dir.glob(f".{Path(TRAIN_NOTEBOOK).stem}.*.progress.json")]
+        infos = [i for i in infos if i]
+        if infos:
+            parts.append(f"{run.run_id[:8]}… {progress.describe(max(infos, key=lambda i: i.get('time', 0)))}")
+    return " · ".join(parts)
+
+
 def run_local(grid: Grid, *, workers: int | None = None) -> list[Outcome]:
     """Train the grid's unfinished runs in a process pool (the head-tuning run first, alone)."""
     from tqdm.auto import tqdm
@@ -875,12 +907,16 @@ def run_local(grid: Grid, *, workers: int | None = None) -> list[Outcome]:
                 with ProcessPoolExecutor(n, mp_context=ctx, initializer=_die_with_parent) as pool:
                     futures = {pool.submit(_pool_task, str(grid.path), r.run_id, max(1, cpus // n), str(outputs_dir())): r
                                for r in batch}
-                    for future in as_completed(futures):
-                        outcome = future.result()
-                        outcomes.append(outcome)
-                        bar.update(1)
-                        if outcome.state == "failed":
-                            tqdm.write(f"run {outcome.run_id} ({futures[future].label}) FAILED: {outcome.error}")
+                    pending = set(futures)
+                    while pending:
+                        done, pending = concurrent.futures.wait(pending, timeout=2.0, return_when="FIRST_COMPLETED")
+                        for future in done:
+                            outcome = future.result()
+                            outcomes.append(outcome)
+                            bar.update(1)
+                            if outcome.state == "failed":
+                                tqdm.write(f"run {outcome.run_id} ({futures[future].label}) FAILED: {outcome.error}")
+                        bar.set_postfix_str(running_progress([futures[f] for f in pending]), refresh=True)
         if not stop:
             _wait_for_live_locks(grid, grid.runs)
     finally:

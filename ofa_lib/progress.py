@@ -16,11 +16,12 @@ from typing import Any
 
 ENV = "OFA_PROGRESS_FILE"
 MIN_INTERVAL_S = 1.0
-_state: dict[str, Any] = {"step": None, "what": "", "written": 0.0}
+_state: dict[str, Any] = {"step": None, "total": None, "what": "", "written": 0.0}
 
 
-def beat(*, step: int | None = None, what: str | None = None) -> None:
-    """Record progress: a new ``step`` is always written, other beats at most once a second."""
+def beat(*, step: int | None = None, what: str | None = None, total: int | None = None) -> None:
+    """Record progress: a new ``step`` is always written, other beats at most once a second (``total``: the
+    number of steps the run will take, for the runner's display)."""
     path = os.environ.get(ENV)
     if not path:
         return
@@ -32,11 +33,14 @@ def beat(*, step: int | None = None, what: str | None = None) -> None:
         _state["step"] = step
     if what is not None:
         _state["what"] = what
+    if total is not None:
+        _state["total"] = total
     _state["written"] = now
     tmp = f"{path}.{os.getpid()}.tmp"
     try:  # no fsync: a heartbeat, not an output; os.replace keeps a reader from seeing half a file
         with open(tmp, "w") as fh:
-            json.dump({"pid": os.getpid(), "step": _state["step"], "what": _state["what"], "time": time.time()}, fh)
+            json.dump({"pid": os.getpid(), "step": _state["step"], "total": _state["total"], "what": _state["what"],
+                       "time": time.time()}, fh)
         os.replace(tmp, path)
     except OSError:
         pass
@@ -48,6 +52,14 @@ def read(path: str | Path) -> dict[str, Any]:
         return json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return {}
+
+
+def describe(info: dict[str, Any]) -> str:
+    """``step 34/88 (training)`` / ``loading the model`` / ``starting``: a running run's state, for the grid's bar."""
+    if info.get("step") is not None:
+        steps = f"{info['step']}/{info['total']}" if info.get("total") else str(info["step"])
+        return f"step {steps}" + (f" ({info['what']})" if info.get("what") else "")
+    return info.get("what") or "starting"
 
 
 def where(info: dict[str, Any]) -> str:

@@ -696,7 +696,7 @@ def _train(cfg: TrainConfig, out: Path, manifest: dict[str, Any], device_name: s
                 pending[-1] = pending[-1][:5] + (step_seconds,)
             else:
                 state["log"][-1]["step_seconds"] = step_seconds
-            beat(step=step, what="training")
+            beat(step=step, what="training", total=total_steps)
             bar.update(1)
             if step in snaps:
                 _take_snapshot(cfg, model, state, step, step / steps_per_epoch, snaps, ca, evaluate_all, prep, save_variant, storage,
@@ -806,6 +806,7 @@ def _train(cfg: TrainConfig, out: Path, manifest: dict[str, Any], device_name: s
 def _take_snapshot(cfg, model, state, step, epoch, snaps, ca, evaluate_all, prep, save_variant, storage, ckpt_dir) -> None:
     """Score the current weights on all dev sets and update the online variants."""
     k = snaps.index(step) + 1
+    beat(what=f"scoring snapshot {k}/{len(snaps)}")
     scores = evaluate_all(prep.dev_sets, f"snapshot {k}")
     state["rows"] += tidy_rows(cfg, "snapshot", str(k), scores, step, epoch)
     src, trg, per_lang = dev_summary(cfg, scores)

@@ -460,6 +460,29 @@ def test_a_runner_does_not_wait_forever_for_a_stuck_one(tmp_path, tmp_outputs, c
     assert time.time() - start < 10 and "not waiting for it" in capsys.readouterr().out
 
 
+def test_the_grid_bar_shows_what_running_runs_report(tmp_path, tmp_outputs):
+    """The local runner's bar names each running run's step of its total (its kernel's progress beats)."""
+    grid = G.load_grid(write_grid(tmp_path, head_tuning=None, train={"head": "init:0"}))
+    started, waiting = grid.runs[0], grid.runs[1]
+    started.dir.mkdir(parents=True)
+    (started.dir / ".02_train.999.progress.json").write_text(
+        json.dumps({"pid": 1, "step": 34, "total": 88, "what": "training", "time": time.time()}))
+    assert G.running_progress([started, waiting]) == f"{started.run_id[:8]}… step 34/88 (training)"
+    (started.dir / ".02_train.999.progress.json").write_text(json.dumps({"pid": 1, "step": None, "what": "featurizing"}))
+    assert G.running_progress([started]).endswith("featurizing")
+
+
+def test_progress_beats_carry_the_total_for_the_runner(tmp_path, monkeypatch):
+    from ofa_lib import progress
+
+    monkeypatch.setenv(progress.ENV, str(tmp_path / "p.json"))
+    monkeypatch.setattr(progress, "_state", {"step": None, "total": None, "what": "", "written": 0.0})
+    progress.beat(step=5, what="training", total=20)
+    assert progress.describe(progress.read(tmp_path / "p.json")) == "step 5/20 (training)"
+    progress.beat(what="scoring snapshot 1/10")  # a new `what` is written at once
+    assert progress.describe(progress.read(tmp_path / "p.json")) == "step 5/20 (scoring snapshot 1/10)"
+
+
 @pytest.mark.slow
 def test_sigterm_stops_a_local_grid_gracefully_and_the_rerun_finishes_it(tmp_outputs):
     """SIGTERM to `grid run` during a run's training: within 60 s the runner exits (130) with that run's resume
