@@ -32,7 +32,7 @@ lint: install
 	$(BIN)/ruff check ofa_lib tests benchmarks tools notebooks
 
 test: lint
-	$(OFFLINE) $(BIN)/python -m pytest -q tests
+	$(OFFLINE) $(BIN)/python -m pytest -q --durations=15 tests
 
 demo: install
 	$(BIN)/python -m ofa_lib.grid run params/grids/demo.yaml --backend local
