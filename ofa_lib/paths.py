@@ -31,3 +31,15 @@ def cache_dir(*parts: str) -> Path:
     path = outputs_dir().joinpath("cache", *parts)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def repo_relative(path: str | os.PathLike) -> str:
+    """``path`` as reports show it: relative to the repository when it lies inside it (so a report
+    reads the same on every machine), else as given."""
+    p = Path(path)
+    if not p.is_absolute():
+        return str(path)
+    try:
+        return str(p.resolve().relative_to(REPO_ROOT))
+    except ValueError:
+        return str(path)

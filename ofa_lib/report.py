@@ -22,7 +22,7 @@ import pandas as pd
 from . import results as R
 from . import selection as S
 from .io import atomic_path, write_text
-from .paths import REPO_ROOT, outputs_dir
+from .paths import outputs_dir, repo_relative
 
 TASK_LABEL = {"nli": "NLI", "tydiqa": "TyDiQA-GoldP", "ner": "NER"}
 VARIANT_LABEL = {"last": "LAST", "src_dev": "SRC-DEV", "ca": "CA", "trg_dev": "TRG-DEV"}
@@ -79,7 +79,9 @@ def report_dir(report_name: str, outputs_root: str | os.PathLike | None = None) 
 # --------------------------------------------------------------------------------------
 
 def compute_tables(data: dict[str, TaskData], sampling_seeds="authors") -> dict[str, pd.DataFrame]:
-    """``per_sampling``, ``table1``, ``table2``, ``table3`` over all tasks (in order)."""
+    """``per_sampling``, ``table1``, ``table2``, ``table3`` and ``paired`` (accumulative averaging
+    against Max SRC-DEV, paired over samplings: :func:`ofa_lib.selection.paired_comparison`) over all
+    tasks (in order)."""
     ps = pd.concat([S.per_sampling(d.cross, sampling_seeds) for d in data.values()],
                    ignore_index=True)
     crosses = [d.cross for d in data.values()]
@@ -88,6 +90,7 @@ def compute_tables(data: dict[str, TaskData], sampling_seeds="authors") -> dict[
         "table1": S.table1(ps),
         "table2": S.table2(ps),
         "table3": S.table3(crosses),
+        "paired": S.paired_comparison(ps),
     }
 
 
@@ -98,9 +101,10 @@ def write_csv(df: pd.DataFrame, path: str | os.PathLike) -> Path:
 
 
 def write_tables(tables: dict[str, pd.DataFrame], out_dir: str | os.PathLike) -> list[Path]:
-    """Write table1/2/3 as CSV (atomically) into ``out_dir``."""
+    """Write table1/2/3 and the paired comparison (``paired.csv``, when computed) as CSV (atomically)
+    into ``out_dir``."""
     return [write_csv(tables[name], Path(out_dir) / f"{name}.csv")
-            for name in ("table1", "table2", "table3")]
+            for name in ("table1", "table2", "table3", "paired") if name in tables]
 
 
 def _pm(mean: pd.Series, std: pd.Series) -> pd.Series:
@@ -165,7 +169,7 @@ def style_table1(t1: pd.DataFrame):
 def provenance_markdown(data: dict[str, TaskData], params: dict, sampling_seeds, out_dir) -> str:
     """A short markdown block: parameters, runs and samplings per task, output folder."""
     lines = ["| parameter | value |", "|---|---|"]
-    lines += [f"| `{k}` | `{v!r}` |" for k, v in params.items()]
+    lines += [f"| `{k}` | `{_shown(v)!r}` |" for k, v in params.items()]
     lines += ["", "| task | source | runs | (lr, batch) configurations | sampling seeds used | r |",
               "|---|---|---|---|---|---|"]
     for task, td in data.items():
@@ -173,15 +177,17 @@ def provenance_markdown(data: dict[str, TaskData], params: dict, sampling_seeds,
         seeds = S.resolve_sampling_seeds(sampling_seeds, c.sampling_seeds)
         n_cfg = len(c.run_table[["lr", "batch_size"]].drop_duplicates())
         rs = c.r_values
-        lines.append(f"| {TASK_LABEL.get(task, task)} | {c.origin} | {len(c.run_table)} | {n_cfg} | "
+        lines.append(f"| {TASK_LABEL.get(task, task)} | {_shown(c.origin)} | {len(c.run_table)} | {n_cfg} | "
                      f"{', '.join(map(str, seeds))} (n={len(seeds)}) | {rs[0]}–{rs[-1]} |")
-    out_dir = Path(out_dir).resolve()
-    try:
-        shown = out_dir.relative_to(REPO_ROOT)
-    except ValueError:
-        shown = out_dir
-    lines += ["", f"Tables and figures are written to `{shown}`."]
+    lines += ["", f"Tables and figures are written to `{repo_relative(Path(out_dir).resolve())}`."]
     return "\n".join(lines)
+
+
+def _shown(value):
+    """A parameter as the report shows it: absolute paths inside the repository made relative to it."""
+    if isinstance(value, (str, os.PathLike)) and os.path.isabs(value):
+        return repo_relative(value)
+    return value
 
 
 def headline_markdown(t1: pd.DataFrame, t2: pd.DataFrame) -> str:
@@ -205,6 +211,73 @@ def headline_markdown(t1: pd.DataFrame, t2: pd.DataFrame) -> str:
                      f"({VARIANT_LABEL[b['variant']]}, r={int(b['r'])}) | {cell('acc_avg_ca')} | "
                      f"{cell('max_trg_dev')} | {cell('soup')} |")
     return "\n".join(lines)
+
+
+def same_runs_note(per_sampling: pd.DataFrame) -> str:
+    """A markdown line naming each task's r at which every sampling holds the same set of runs
+    (:func:`ofa_lib.selection.same_runs`), where a standard deviation of 0 is no certainty; empty if none."""
+    flags = S.same_runs(per_sampling)
+    flags = flags[flags["same_runs"]]
+    if flags.empty:
+        return ""
+    parts = [f"{TASK_LABEL.get(t, t)}: r = {', '.join(str(int(r)) for r in g['r'])}"
+             for t, g in flags.groupby("task", sort=False)]
+    return ("**Same runs in every sampling** (" + "; ".join(parts) + "): there every sampling holds the same "
+            "set of runs (r = the number of configurations), so the samplings no longer differ and a standard "
+            "deviation of 0.0 reads as certainty but is none; the paired comparison below is one repeated value there.")
+
+
+def _fmt_pair(rec) -> str:
+    if pd.isna(rec.ci_low):
+        return f"{rec.mean_diff + 0.0:+.1f} (one sampling, no interval)"
+    return f"{rec.mean_diff + 0.0:+.1f} [{rec.ci_low + 0.0:+.1f}, {rec.ci_high + 0.0:+.1f}]"  # + 0.0: no "-0.0"
+
+
+def paired_sentence(paired: pd.DataFrame) -> str:
+    """One sentence per task from :func:`ofa_lib.selection.paired_comparison`, at the largest r whose
+    samplings still differ (the largest r if none do): for each pair of weights, whether accumulative
+    averaging beats, trails or is level with Max. SRC-DEV (its 95% bootstrap interval excludes 0 or not),
+    the mean paired difference in points with that interval, and how many samplings favour averaging."""
+    if paired.empty:
+        return "No accumulative averages in the results: nothing to compare with Max. SRC-DEV."
+    out = []
+    for task, t in paired.groupby("task", sort=False):
+        differ = t[~t["same_runs"]]
+        r = int((differ if len(differ) else t)["r"].max())
+        at = t[t["r"] == r]
+        clauses = []
+        for rec in at.itertuples(index=False):
+            weights = (f"{VARIANT_LABEL[rec.variant]} weights" if rec.variant == rec.src_variant else
+                       f"its {VARIANT_LABEL[rec.variant]} weights against the {VARIANT_LABEL[rec.src_variant]} "
+                       "checkpoint Max. SRC-DEV picks")
+            if pd.isna(rec.ci_low) or rec.ci_low <= 0 <= rec.ci_high:
+                verb = "is level with Max. SRC-DEV at"
+            else:
+                verb = "beats Max. SRC-DEV by" if rec.ci_low > 0 else "trails Max. SRC-DEV by"
+            ties = f", {rec.ties} tie{'s' if rec.ties != 1 else ''}" if rec.ties else ""
+            clauses.append(f"on {weights} it {verb} {_fmt_pair(rec)} points ({rec.wins} of {rec.n} samplings "
+                           f"favour it{ties})")
+        same = at["same_runs"].any()
+        tail = (f" (every sampling holds the same runs at r = {r}: one repeated value, not {int(at['n'].iloc[0])} "
+                "observations)") if same else ""
+        out.append(f"{TASK_LABEL.get(task, task)}, r = {r}{tail}: accumulative averaging against Max. SRC-DEV over "
+                   f"the same runs, paired by sampling: " + "; ".join(clauses) + ".")
+    return " ".join(out)
+
+
+def wide_paired(paired: pd.DataFrame) -> pd.DataFrame:
+    """Rows (task, r), columns the pairs of weights, cells "+d [lo, hi] w/t/l"; r where every sampling
+    holds the same runs is marked "(same runs)"."""
+    if paired.empty:
+        return pd.DataFrame()
+    d = paired.assign(
+        cell=[f"{_fmt_pair(x)} {x.wins}/{x.ties}/{x.losses}" for x in paired.itertuples(index=False)],
+        task=paired["task"].map(lambda t: TASK_LABEL.get(t, t)),
+        r=[f"{int(r)} (same runs)" if s else str(int(r)) for r, s in zip(paired["r"], paired["same_runs"])],
+        weights=[VARIANT_LABEL[v] if v == sv else f"{VARIANT_LABEL[v]} vs {VARIANT_LABEL[sv]}"
+                 for v, sv in zip(paired["variant"], paired["src_variant"])])
+    w = d.pivot_table(index=["task", "r"], columns="weights", values="cell", aggfunc="first", sort=False)
+    return w[list(dict.fromkeys(d["weights"]))]
 
 
 # --------------------------------------------------------------------------------------

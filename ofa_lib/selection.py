@@ -486,3 +486,80 @@ def merge_table(ps: pd.DataFrame) -> pd.DataFrame:
     methods = first + sorted(set(out["method"]) - set(first))
     return _sort(out, ["task", "variant", "r", "method"], {"variant": variants, "method": methods,
                                                            "task": _task_order(out)})[MERGE_COLUMNS]
+
+
+# --------------------------------------------------------------------------------------
+# paired comparison over samplings: accumulative averaging against Max SRC-DEV
+# --------------------------------------------------------------------------------------
+
+PAIRED_COLUMNS = ["task", "r", "variant", "src_variant", "n", "mean_diff", "ci_low", "ci_high",
+                  "wins", "ties", "losses", "same_runs"]
+# (averaged weights, Max SRC-DEV's weights): Table 1's same-variant pairs and Table 2's pair
+PAIRS = tuple((v, v) for v in TABLE1_VARIANTS) + (("ca", TABLE2_SRC_VARIANT),)
+N_RESAMPLES = 10_000
+
+
+def bootstrap_mean_ci(
+    diffs: Sequence[float], n_resamples: int = N_RESAMPLES, seed: int = 0, level: float = 0.95,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of ``diffs`` (paired differences, one per sampling).
+
+    ``n_resamples`` resamples of ``len(diffs)`` values with replacement, drawn at once with
+    ``numpy.random.default_rng(seed)``; the interval is the ``(1 - level) / 2`` and ``(1 + level) / 2``
+    quantiles of the resampled means. NaN, NaN for fewer than 2 values (nothing to resample)."""
+    d = np.asarray(diffs, dtype=np.float64)
+    if d.ndim != 1 or not np.isfinite(d).all():
+        raise ValueError(f"bootstrap_mean_ci: expected a 1-d array of finite differences, got {d!r}")
+    if not 0 < level < 1:
+        raise ValueError(f"bootstrap_mean_ci: level must be in (0, 1), got {level}")
+    if len(d) < 2:
+        return float("nan"), float("nan")
+    idx = np.random.default_rng(seed).integers(0, len(d), size=(int(n_resamples), len(d)))
+    means = d[idx].mean(axis=1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    # all differences equal: the interval is that value (no rounding noise from the mean)
+    return (float(d[0]), float(d[0])) if np.all(d == d[0]) else (float(lo), float(hi))
+
+
+def same_runs(ps: pd.DataFrame) -> pd.DataFrame:
+    """Per (task, r): whether every sampling holds the same *set* of runs (as when r equals the
+    number of configurations and each has one run). There the samplings no longer differ, so a
+    standard deviation of 0 says nothing about certainty. Columns ``task, r, n, same_runs``."""
+    rows = []
+    for (task, r), g in ps.groupby(["task", "r"], sort=False):
+        n = int(g["sampling"].nunique())
+        rows.append({"task": task, "r": int(r), "n": n,
+                     "same_runs": n > 1 and len({frozenset(ids) for ids in g["ids"]}) == 1})
+    return pd.DataFrame(rows, columns=["task", "r", "n", "same_runs"])
+
+
+def paired_comparison(
+    ps: pd.DataFrame, n_resamples: int = N_RESAMPLES, seed: int = 0, level: float = 0.95,
+    pairs: Sequence[tuple[str, str]] = PAIRS,
+) -> pd.DataFrame:
+    """For each task, r and (variant, src_variant) of ``pairs``: accumulative averaging of the first r
+    runs' ``variant`` weights minus Max SRC-DEV over the same runs (``src_variant`` weights), paired by
+    sampling. ``mean_diff`` and its bootstrap interval (:func:`bootstrap_mean_ci`) in points (x100, one
+    decimal); ``wins``/``ties``/``losses``: samplings where averaging scores higher / the same / lower;
+    ``same_runs`` from :func:`same_runs`. ``ps``: a :func:`per_sampling` frame. Columns
+    :data:`PAIRED_COLUMNS`; rows only where both sides were measured."""
+    flags = same_runs(ps).set_index(["task", "r"])["same_runs"]
+    key = ["task", "sampling", "r"]
+    rows = []
+    for k, (v, sv) in enumerate(pairs):
+        avg = ps[(ps["method"] == "acc_avg") & (ps["variant"] == v)][key + ["score"]]
+        sel = ps[(ps["method"] == "max_src_dev") & (ps["variant"] == sv)][key + ["score"]]
+        both = avg.merge(sel, on=key, suffixes=("_avg", "_sel"), validate="one_to_one")
+        for (task, r), g in both.groupby(["task", "r"], sort=False):
+            d = (g["score_avg"] - g["score_sel"]).to_numpy(dtype=np.float64)
+            lo, hi = bootstrap_mean_ci(d, n_resamples, seed, level)
+            tie = np.isclose(d, 0.0, rtol=0.0, atol=1e-12)  # the same score (e.g. both the same weights)
+            rows.append({"_pair": k, "task": task, "r": int(r), "variant": v, "src_variant": sv, "n": len(d),
+                         "mean_diff": round(float(d.mean()) * 100, 1),
+                         "ci_low": round(lo * 100, 1), "ci_high": round(hi * 100, 1),
+                         "wins": int(((d > 0) & ~tie).sum()), "ties": int(tie.sum()),
+                         "losses": int(((d < 0) & ~tie).sum()),
+                         "same_runs": bool(flags.get((task, int(r)), False))})
+    out = pd.DataFrame(rows, columns=["_pair"] + PAIRED_COLUMNS)
+    out = _sort(out, ["task", "_pair", "r"], {"task": _task_order(out)}) if len(out) else out
+    return out[PAIRED_COLUMNS]

@@ -81,3 +81,40 @@ def test_papermill_end_to_end(tmp_path):
     assert "Table 1" in html and "Max. SRC-DEV" in html and "78.3" in html  # NLI CA r=10
     assert "from ofa_lib import" not in html  # code hidden
     assert not list(out_dir.glob(".*.tmp"))
+
+
+def test_paired_sentence_and_same_runs_note():
+    from ofa_lib import report as rp
+    from test_selection import _paired_ps
+
+    ps = _paired_ps()
+    pc = rp.S.paired_comparison(ps)
+    text = rp.paired_sentence(pc)
+    # r = 2 holds the same runs in every sampling: the sentence speaks of r = 1, the largest r that differs
+    assert text.startswith("x, r = 1: accumulative averaging against Max. SRC-DEV") and text.endswith(").")
+    lo, hi = pc.loc[(pc["r"] == 1) & (pc["variant"] == "ca"), ["ci_low", "ci_high"]].iloc[0]
+    assert lo < 0 < hi  # one loss of 5 points against gains of 10 and 15: the interval includes 0
+    assert f"on CA weights it is level with Max. SRC-DEV at +5.0 [{lo:+.1f}, {hi:+.1f}] points (2 of 4 samplings favour it, 1 tie)" in text
+    only2 = rp.paired_sentence(pc[pc["r"] == 2])
+    assert only2.startswith("x, r = 2 (every sampling holds the same runs at r = 2: one repeated value, not 4 observations)")
+    assert "it beats Max. SRC-DEV by +2.0 [+2.0, +2.0] points (4 of 4 samplings favour it)" in only2
+    assert "r = 2" in rp.same_runs_note(ps) and "0.0" in rp.same_runs_note(ps)
+    assert rp.same_runs_note(ps[ps["r"] == 1]) == ""
+    wide = rp.wide_paired(pc)
+    assert ("x", "2 (same runs)") in wide.index and wide.loc[("x", "2 (same runs)"), "LAST"] == "+2.0 [+2.0, +2.0] 4/0/0"
+
+
+def test_provenance_shows_repo_relative_paths(tmp_path):
+    from ofa_lib import report as rp
+
+    class _C:
+        origin = str(REPO_ROOT / "outputs" / "results" / "demo.parquet")
+        sampling_seeds = [0, 1]
+        r_values = [1, 2]
+        run_table = pd.DataFrame({"lr": [1e-5, 2e-5], "batch_size": [16, 16]})
+
+    data = {"sib": rp.TaskData("sib", pd.DataFrame(), _C())}
+    md = rp.provenance_markdown(data, {"source": _C.origin, "outside": str(tmp_path)}, "all", REPO_ROOT / "outputs" / "reports" / "x")
+    assert str(REPO_ROOT) not in md
+    assert "'outputs/results/demo.parquet'" in md and "| outputs/results/demo.parquet |" in md
+    assert "`outputs/reports/x`" in md and str(tmp_path) in md  # a path outside the repository stays as given

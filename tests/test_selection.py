@@ -263,3 +263,71 @@ def test_average_members_must_match_r():
     bad.loc[m, "members"] = "run00"
     with pytest.raises(ValueError, match="members has 1 run ids"):
         S.CrossRunData.from_tidy(bad, "nli")
+
+
+# ---------------------------------------------------------------- paired comparison
+
+
+def test_bootstrap_all_equal_collapses():
+    assert S.bootstrap_mean_ci([0.02] * 7) == (0.02, 0.02)
+    lo, hi = S.bootstrap_mean_ci([0.3])
+    assert np.isnan(lo) and np.isnan(hi)  # one sampling: nothing to resample
+    with pytest.raises(ValueError, match="finite"):
+        S.bootstrap_mean_ci([0.1, float("nan")])
+
+
+def test_bootstrap_two_values_by_hand():
+    # resampled means of (0, 1): 0 w.p. 1/4, 0.5 w.p. 1/2, 1 w.p. 1/4 -> 2.5% and 97.5% quantiles 0 and 1
+    assert S.bootstrap_mean_ci([0.0, 1.0]) == (0.0, 1.0)
+    # and a narrower level cuts inside: the 30%..70% quantiles are both 0.5
+    assert S.bootstrap_mean_ci([0.0, 1.0], level=0.4) == (0.5, 0.5)
+
+
+def test_bootstrap_matches_exact_enumeration():
+    d = np.array([0.1, 0.4, 0.7, 1.5])
+    means = np.array([np.mean(c) for c in itertools.product(d, repeat=4)])  # all 256 equally likely resamples
+    exact = np.quantile(means, [0.025, 0.975])
+    got = S.bootstrap_mean_ci(d, n_resamples=10_000, seed=3)
+    assert got == S.bootstrap_mean_ci(d, n_resamples=10_000, seed=3)  # seeded
+    assert np.allclose(got, exact, atol=0.03)
+    assert got[0] < d.mean() < got[1]
+
+
+def _paired_ps():
+    """4 samplings, r = 1 (different runs per sampling) and r = 2 (the same two runs in every sampling)."""
+    diffs = {1: [0.10, 0.0, -0.05, 0.15], 2: [0.02, 0.02, 0.02, 0.02]}
+    rows = []
+    for r, ds in diffs.items():
+        for s, dd in enumerate(ds):
+            ids = (f"run{s}",) if r == 1 else ("runA", "runB")
+            for v in S.TABLE1_VARIANTS:
+                sel = 0.5 + 0.01 * s
+                rows.append(("x", s, r, "max_src_dev", v, ids[0], ids, sel))
+                rows.append(("x", s, r, "acc_avg", v, "", ids, sel + dd))
+    return pd.DataFrame(rows, columns=S.PER_SAMPLING_COLUMNS)
+
+
+def test_paired_comparison_counts_and_same_runs():
+    pc = S.paired_comparison(_paired_ps())
+    assert list(pc.columns) == S.PAIRED_COLUMNS
+    assert len(pc) == 2 * len(S.PAIRS)
+    r1 = pc[(pc["r"] == 1) & (pc["variant"] == "ca") & (pc["src_variant"] == "ca")].iloc[0]
+    assert (r1["wins"], r1["ties"], r1["losses"], r1["n"]) == (2, 1, 1, 4)
+    assert r1["mean_diff"] == 5.0 and r1["ci_low"] < 5.0 < r1["ci_high"] and not r1["same_runs"]
+    r2 = pc[(pc["r"] == 2) & (pc["variant"] == "last")].iloc[0]
+    assert r2["same_runs"] and (r2["ci_low"], r2["mean_diff"], r2["ci_high"]) == (2.0, 2.0, 2.0)
+    assert (r2["wins"], r2["ties"], r2["losses"]) == (4, 0, 0)
+    flags = S.same_runs(_paired_ps()).set_index("r")["same_runs"]
+    assert flags.to_dict() == {1: False, 2: True}
+
+
+def test_paired_comparison_released_matches_table1(released):
+    ps = S.per_sampling(released["ner"])
+    pc = S.paired_comparison(ps)
+    t1 = S.table1(ps).set_index(["r", "selection", "variant"])["mean"]
+    same = pc[pc["variant"] == pc["src_variant"]]
+    assert sorted(same["r"].unique()) == list(range(1, 11)) and set(same["n"]) == {len(released["ner"].sampling_seeds) - 1}
+    for rec in same.itertuples(index=False):  # the mean of the differences is the difference of the means
+        assert abs(rec.mean_diff - (t1[(rec.r, "acc_avg", rec.variant)] - t1[(rec.r, "max_src_dev", rec.variant)])) <= 0.11
+        assert rec.wins + rec.ties + rec.losses == rec.n and rec.ci_low <= rec.mean_diff <= rec.ci_high
+    assert not pc["same_runs"].any()  # 21 configurations: samplings of 10 differ
