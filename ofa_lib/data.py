@@ -54,6 +54,7 @@ import numpy as np
 from . import hub
 from .io import file_sha256
 from .paths import REPO_ROOT
+from . import tasks as tasks_lib
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ NER_LABELS = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC"]
 DATE_LABELS = ["B-DATE", "I-DATE"]
 SENTIMENT_LABELS = ["negative", "neutral", "positive"]
 SIB_TOPICS = ["entertainment", "geography", "health", "politics", "science/technology", "sports", "travel"]
-TASKS = ("nli", "ner", "qa", "sib", "sentiment")
+TASKS = tasks_lib.NAMES
 
 # MultiNLI label words -> XNLI ids.
 _MNLI_WORDS = {"entailment": 0, "neutral": 1, "contradictory": 2, "contradiction": 2}

@@ -35,9 +35,10 @@ import numpy as np
 import torch
 
 from ofa_lib.paths import cache_dir
+from ofa_lib import tasks as tasks_lib
 
 FEATURES_VERSION = "1"
-FEATURE_TASKS = ("nli", "ner", "qa", "sib", "sentiment")
+FEATURE_TASKS = tasks_lib.NAMES
 _NO_OFFSET = [-1, -1]
 
 
@@ -211,13 +212,7 @@ def _encode_qa(batch: dict, tokenizer: Any, max_length: int, doc_stride: int, tr
     return out
 
 
-_REQUIRED = {
-    "nli": ("premise", "hypothesis", "label"),
-    "sib": ("text", "label"),
-    "sentiment": ("text", "label"),
-    "ner": ("tokens", "ner_tags"),
-    "qa": ("id", "context", "question", "answers"),
-}
+_REQUIRED = {name: task.columns for name, task in tasks_lib.TASKS.items()}
 
 
 def _ner_label_names(dataset: datasets.Dataset) -> list[str]:

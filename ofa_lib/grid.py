@@ -855,7 +855,7 @@ def _gave_up_on(grid: Grid, run: Run, since: float) -> bool:
 
 def running_progress(runs: list[Run]) -> str:
     """What the runs now executing report of themselves (their kernels' :mod:`ofa_lib.progress` beats), for the
-    grid's bar: ``sib-f76a… step 34/88 (training)``; runs not started yet say nothing."""
+    grid's bar: ``lr=5e-05 bs=16 seed=1: step 34/88 (training)``; runs not started yet say nothing."""
     from . import progress
 
     parts = []
@@ -864,7 +864,9 @@ def running_progress(runs: list[Run]) -> str:
         infos = [progress.read(p) for p in run.dir.glob(f".{Path(TRAIN_NOTEBOOK).stem}.*.progress.json")]
         infos = [i for i in infos if i]
         if infos:
-            parts.append(f"{run.run_id[:8]}… {progress.describe(max(infos, key=lambda i: i.get('time', 0)))}")
+            parts.append(f"{run.label}: {progress.describe(max(infos, key=lambda i: i.get('time', 0)))}")
+        elif any(run.dir.glob(f".{Path(TRAIN_NOTEBOOK).stem}.*tmp.ipynb")):  # papermill started, no beat yet
+            parts.append(f"{run.label}: starting")
     return " · ".join(parts)
 
 

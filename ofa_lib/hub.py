@@ -24,6 +24,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import tasks as tasks_lib
+
 PARQUET_BRANCH = "refs/convert/parquet"
 
 # --------------------------------------------------------------------------- language lists
@@ -178,13 +180,7 @@ SOURCES: dict[str, HubSource] = {
 }
 
 # Dataset folders of each task that ``ofa-data fetch TASK`` fetches (the paper's data for that task).
-TASK_DATASETS: dict[str, tuple[str, ...]] = {
-    "nli": ("multinli", "xnli", "indicxnli"),
-    "ner": ("wikiann", "masakhaner", "masakhaner2"),
-    "qa": ("tydiqa_goldp", "xquad"),
-    "sib": ("sib200",),
-    "sentiment": ("umsab",),
-}
+TASK_DATASETS: dict[str, tuple[str, ...]] = {name: task.fetch for name, task in tasks_lib.TASKS.items()}
 
 
 def hub_offline() -> bool:

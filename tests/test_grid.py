@@ -467,7 +467,10 @@ def test_the_grid_bar_shows_what_running_runs_report(tmp_path, tmp_outputs):
     started.dir.mkdir(parents=True)
     (started.dir / ".02_train.999.progress.json").write_text(
         json.dumps({"pid": 1, "step": 34, "total": 88, "what": "training", "time": time.time()}))
-    assert G.running_progress([started, waiting]) == f"{started.run_id[:8]}… step 34/88 (training)"
+    assert G.running_progress([started, waiting]) == f"{started.label}: step 34/88 (training)"
+    waiting.dir.mkdir(parents=True)
+    (waiting.dir / ".02_train.vm-1.tmp.ipynb").write_text("{}")  # its kernel is starting: no beat yet
+    assert G.running_progress([waiting]) == f"{waiting.label}: starting"
     (started.dir / ".02_train.999.progress.json").write_text(json.dumps({"pid": 1, "step": None, "what": "featurizing"}))
     assert G.running_progress([started]).endswith("featurizing")
 
