@@ -37,3 +37,24 @@ def test_an_unknown_task_is_named_with_the_known_ones():
         tasks.get("pos")
     with pytest.raises(config.ConfigError, match="task"):
         config.make_config("pos", "smoke")
+
+
+def test_the_sentiment_grid_plans(tmp_outputs):
+    from ofa_lib import grid as G
+
+    grid = G.load_grid("smoke_sentiment")
+    assert {r.cfg.task for r in grid.runs} == {"sentiment"} and len(grid.runs) == 2
+
+
+@pytest.mark.slow
+def test_sentiment_trains_and_scores_its_targets(tmp_outputs):
+    """The task added through the registry trains end to end (smoke size) and scores every target language."""
+    import pandas as pd
+
+    from ofa_lib import training
+
+    run_dir = training.run_training(config.make_config("sentiment", "smoke"), progress=False)
+    rows = pd.read_parquet(run_dir / "metrics.parquet")
+    test = rows[(rows["kind"] == "variant") & (rows["split"] == "test")]
+    assert set(test["lang"]) == {"german", "hindi"} and set(test["metric"]) == {"accuracy"}
+    assert test["value"].between(0, 1).all()
