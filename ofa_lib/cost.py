@@ -230,10 +230,13 @@ class Estimate:
 
 
 def averaging_evaluations(grid) -> int:
-    """How many models 03_average scores: the distinct averages (per variant) and soups its samplings make."""
+    """How many models 03_average scores: the distinct merges (per method and variant, as
+    :func:`ofa_lib.crossrun.plan_pass` lists them) and soups its samplings make. A greedy soup is not
+    counted: its result is a uniform mean of some of the runs, mostly one already scored (its English-dev
+    trials are cheap and not counted either)."""
     import pandas as pd
 
-    from . import selection
+    from . import merging, selection
 
     step = next((s for s in grid.pipeline if s.notebook == "03_average.ipynb"), None)
     if step is None:
@@ -244,16 +247,19 @@ def averaging_evaluations(grid) -> int:
     configs = len(table[["lr", "batch_size"]].drop_duplicates())
     r_max = min(int(params.get("r_max", 10)), configs)
     variants = list(params.get("variants", ["last", "src_dev", "ca"]))
+    specs = [sp for sp in merging.parse_methods(params.get("methods")) if not sp.info.needs_scores]
+    method_variants = params.get("method_variants")
     soup_k = int(params.get("soup_k", 5) or 0)
     top_k = max(r.cfg.top_k for r in runs) if runs else 0
     sets: set[tuple] = set()
     for seed in range(int(params.get("n_samplings", 10))):
         order = selection.sample_runs(table, r_max=r_max, seed=seed)
         for r in range(1, r_max + 1):
-            members = frozenset(order[:r])
-            sets.update((v, members) for v in variants)
+            for spec in specs:  # the uniform mean on every variant, other methods on method_variants
+                for v in variants if spec.method == "uniform" or method_variants is None else method_variants:
+                    sets.add(spec.key(v, order[:r]))
             if soup_k and top_k and r * top_k >= soup_k:
-                sets.add(("soup", members))
+                sets.add(("soup", frozenset(order[:r])))
     return len(sets)
 
 

@@ -115,6 +115,25 @@ def test_plan_head_first_and_its_head_file_in_every_grid_run(tmp_outputs):
     assert list(table.state) == ["todo"] * 3
 
 
+def test_the_estimate_counts_every_merge_method_03_evaluates(tmp_outputs):
+    """`grid plan --estimate` counts 03's evaluations as plan_pass lists them: each non-uniform method adds
+    one merge per distinct member set of its method_variants (a greedy soup adds none)."""
+    from ofa_lib import cost
+
+    grid = G.load_grid("demo")
+    step = next(s for s in grid.pipeline if s.notebook == "03_average.ipynb")
+
+    def count(**params):
+        step.parameters = {"variants": ["last", "src_dev", "ca"], "r_max": 6, "n_samplings": 3, "soup_k": 0} | params
+        return cost.averaging_evaluations(grid)
+
+    ca_sets = count(variants=["ca"])
+    assert count() == 3 * ca_sets  # the uniform mean of each variant
+    assert count(methods=["uniform", "task_arithmetic", "ties", "greedy_soup"], method_variants=["ca"]) \
+        == 3 * ca_sets + 2 * ca_sets
+    assert count(methods=["ties"], method_variants=["ca"]) == ca_sets  # no uniform asked: none counted
+
+
 def test_run_ids_do_not_depend_on_where_outputs_is(tmp_path, monkeypatch):
     ids = []
     for where in ("a", "b/c"):
