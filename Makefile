@@ -12,7 +12,7 @@ SHELL := /bin/bash
 # pip.conf on these machines names index folders that may not exist: hide that noise only
 QUIET := 2>&1 | { grep -v 'is ignored' || true; }
 
-.PHONY: gpu-check install lint test demo demo-sam demo-unfreezing reproduce-paper bench clean-outputs
+.PHONY: gpu-check install lint test demo demo-sam demo-unfreezing study-ner reproduce-paper bench clean-outputs
 
 install: $(STAMP)
 
@@ -43,6 +43,11 @@ demo-sam: install
 
 demo-unfreezing: install
 	$(BIN)/python -m ofa_lib.grid run params/grids/demo_unfreezing.yaml --backend local
+
+# the paper's NER protocol at CPU scale (21 runs; estimated 2.4 h on a quiet 2-core CPU: `grid plan --estimate`)
+study-ner: install
+	$(BIN)/python -m ofa_lib.grid plan params/grids/cpu_ner.yaml --estimate
+	$(BIN)/python -m ofa_lib.grid run params/grids/cpu_ner.yaml --backend local
 
 reproduce-paper: install
 	mkdir -p outputs/reports/paper
