@@ -325,6 +325,12 @@ def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
     return file_sha256(path)
 
 
+def cached_sha256(path: PathLike) -> str:
+    """:func:`file_sha256` of ``path``, computed once per file version (path, size, mtime) in a process."""
+    stat = Path(path).stat()
+    return _sha256_of(str(path), stat.st_size, stat.st_mtime_ns)
+
+
 def verify_recorded(run_dir: PathLike, recorded: Mapping[str, str], run_id: str) -> None:
     """Each file of a run whose sha256 the run recorded as it wrote it (``checkpoint_sha256`` of its manifest:
     path in the run folder -> hex digest) must still have it; else :class:`CorruptCheckpointError` naming the
@@ -333,8 +339,7 @@ def verify_recorded(run_dir: PathLike, recorded: Mapping[str, str], run_id: str)
         path = Path(run_dir) / name
         if not path.is_file():
             raise CorruptCheckpointError(f"run {run_id}: {path} is missing (its manifest records it)")
-        stat = path.stat()
-        if _sha256_of(str(path), stat.st_size, stat.st_mtime_ns) != expected:
+        if cached_sha256(path) != expected:
             raise CorruptCheckpointError(
                 f"run {run_id}: {path} is not the file the run wrote (sha256 differs from the one its manifest "
                 f"recorded): it was changed after training; nothing is averaged or written from these runs")

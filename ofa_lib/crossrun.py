@@ -32,6 +32,10 @@ name); if found, their scores are copied under the new name and nothing is evalu
 samplings whose first r runs are the same set, r = 1 across samplings, and re-running the
 notebook cost no evaluation; an interrupted pass resumes.
 
+The ``fisher`` method weights each run by its diagonal Fisher on English data
+(:func:`fisher_diagonal_of`): computed once per checkpoint (by sha256) and options into
+``<averages>/fisher/`` and read from there afterwards.
+
 Methods on task vectors need θ₀: the first run's prepared, untrained model (pretrained encoder,
 the runs' vocabulary, their frozen aligned head), written once in fp32 next to the averages;
 runs whose θ₀ differ (see :func:`base_identity`) are refused.
@@ -57,7 +61,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from . import averaging, ckpt_io, evaluation, merging, metrics, training
+from . import averaging, ckpt_io, evaluation, fisher, measures, merging, metrics, training
 from . import results as R
 from . import selection as S
 from .config import TrainConfig
@@ -561,10 +565,13 @@ def execute_pass(plan: CrossRunPlan, store: _Store, *, keep_checkpoints: bool = 
     cfg, source_lang = plan.cfg, plan.source_lang
     stats: dict[str, Any] = {"evaluations": 0, "dev_evaluations": 0, "reused": 0, "already_stored": 0, "avoided": 0,
                              "soups_skipped": plan.soups_skipped, "checkpoint_reads": 0, "seconds": 0.0,
-                             "setup_seconds": 0.0, "eval_seconds": 0.0}
+                             "setup_seconds": 0.0, "eval_seconds": 0.0, "fisher_computed": 0, "fisher_reused": 0,
+                             "fisher_seconds": 0.0}
     own_scores: dict[str, pd.DataFrame] = {}  # run id -> its own variant rows (for the r = 1 consistency check)
     skeleton: dict[str, Any] = {}
     needs_base = any(s.info.needs_base for s in plan.specs)
+    needs_fisher = any(s.info.needs_fisher for s in plan.specs)
+    fisher_batches: dict = {}
     base_file = plan.avg_dir / f"base-{key_digest([plan.base_id])}.safetensors"
 
     def ckpt_path(item: _Item) -> Path:
@@ -579,6 +586,8 @@ def execute_pass(plan: CrossRunPlan, store: _Store, *, keep_checkpoints: bool = 
             dev, precision, _ = training.resolve_runtime(cfg, device)  # the runs' precision rule, on this machine
             skeleton.update(model=prep.model.to(dev).eval(), sets=prep.dev_sets[:1] + prep.test_sets, device=dev,
                             autocast=training.AUTOCAST.get(precision))
+            if needs_fisher:  # its English training features serve the diagonals
+                skeleton["prep"] = prep
             del prep
             stats["setup_seconds"] = round(time.perf_counter() - t0, 2)
         return skeleton
@@ -588,6 +597,20 @@ def execute_pass(plan: CrossRunPlan, store: _Store, *, keep_checkpoints: bool = 
         if not base_file.is_file():  # the skeleton was built by an earlier pass step: build θ₀ afresh
             _write_base(training.prepare(cfg), base_file, plan)
         return base_file
+
+    def fishers(spec: merging.MergeSpec, paths: list[Path]) -> list[Path]:
+        """Each input's stored diagonal (computed with the skeleton once, then read)."""
+        out = []
+        for path in paths:
+            t0 = time.perf_counter()
+            sk = model_and_sets()
+            f, computed = fisher_diagonal_of(path, spec, plan.avg_dir / "fisher", sk["prep"], model=sk["model"],
+                                             device=sk["device"], autocast_dtype=sk["autocast"], progress=progress,
+                                             batches=fisher_batches)
+            stats["fisher_computed" if computed else "fisher_reused"] += 1
+            stats["fisher_seconds"] += time.perf_counter() - t0
+            out.append(f)
+        return out
 
     def score(state: dict[str, torch.Tensor], sets) -> dict:
         sk = model_and_sets()
@@ -651,7 +674,8 @@ def execute_pass(plan: CrossRunPlan, store: _Store, *, keep_checkpoints: bool = 
         elif spec.info.incremental:  # θ̄_1 … θ̄_r streamed, each checkpoint read once
             last_r = max(it.r for it in todo)
             by_r = {it.r: it for it in group}
-            stream = merging.incremental_states(spec, by_r[last_r].paths, base=base() if spec.info.needs_base else None)
+            stream = merging.incremental_states(spec, by_r[last_r].paths, base=base() if spec.info.needs_base else None,
+                                                fishers=fishers(spec, by_r[last_r].paths) if spec.info.needs_fisher else None)
             for r, state in enumerate(stream, start=1):
                 stats["checkpoint_reads"] += 1
                 if needs_weights(by_r[r]):
@@ -669,7 +693,61 @@ def execute_pass(plan: CrossRunPlan, store: _Store, *, keep_checkpoints: bool = 
     store.flush()
     stats["avoided"] = stats["reused"] + stats["already_stored"]
     stats["eval_seconds"] = round(stats["eval_seconds"], 2)
+    stats["fisher_seconds"] = round(stats["fisher_seconds"], 2)
     return stats
+
+
+def fisher_diagonal_of(checkpoint: str | Path, spec: merging.MergeSpec, cache_dir: str | Path, prep: "training.Prepared",
+                       *, model: torch.nn.Module | None = None, device: Any = None, autocast_dtype: Any = None,
+                       progress: bool = True, batches: dict | None = None) -> tuple[Path, bool]:
+    """The stored diagonal Fisher of ``checkpoint`` for ``spec``'s options (``fisher`` merges): read
+    from ``cache_dir`` when there (:func:`ofa_lib.fisher.cached_diagonal`: by the checkpoint's
+    sha256 and the options), else computed with ``model`` (default ``prep.model``; its weights are
+    replaced by the checkpoint's) on ``examples`` seeded English rows of ``split`` (``prep``'s
+    training features or first dev set, :class:`ofa_lib.measures.MeasureData`) and written
+    atomically. ``batches``: a dict that keeps the batches between calls. Returns ``(path, computed)``."""
+    opts = fisher.diagonal_options(spec.opts)
+
+    def compute() -> tuple[dict[str, torch.Tensor], int]:
+        target = prep.model if model is None else model
+        target.load_state_dict(ckpt_io.load_checkpoint(checkpoint), strict=True)
+        key = (opts["split"], opts["examples"], opts["seed"])
+        cache = {} if batches is None else batches
+        if key not in cache:
+            data = measures.MeasureData.from_prepared(prep, "", n_examples=int(opts["examples"]), seed=int(opts["seed"]))
+            cache[key] = data.train if opts["split"] == "train" else data.source
+        return fisher.fisher_diagonal(target, cache[key], label_mode=str(opts["labels"]), seed=int(opts["seed"]),
+                                      device=device, autocast_dtype=autocast_dtype, progress=progress)
+
+    return fisher.cached_diagonal(checkpoint, opts, cache_dir, compute)
+
+
+def run_fisher_diagonal(run_dir: str | Path, variant: str = "ca", methods: Any = "fisher", *,
+                        cache_dir: str | Path | None = None, device: str | None = None) -> Path:
+    """The stored diagonal Fisher of one run's ``variant`` checkpoint (for ``ofa-merge --fisher``),
+    with the options of the ``fisher`` entry of ``methods`` (:func:`ofa_lib.merging.parse_methods`;
+    default ``fisher`` with its defaults), in ``cache_dir`` (default the pass's
+    ``<runs_root>/../averages/<task>/fisher``); computed once, then read."""
+    run_dir = Path(run_dir)
+    spec = next((s for s in merging.parse_methods(methods) if s.info.needs_fisher), None)
+    if spec is None:
+        raise merging.MergeSpecError(f"run_fisher_diagonal: methods={methods!r} has no fisher entry")
+    if variant not in AVERAGE_VARIANTS + ("trg_dev",):
+        raise ValueError(f"run_fisher_diagonal: unknown variant {variant!r}; expected one of {AVERAGE_VARIANTS}")
+    m = _manifest(run_dir)
+    ckpt_io.verify_recorded(run_dir, m.get("checkpoint_sha256") or {}, m["run_id"])
+    cfg = TrainConfig(**m["params"])
+    cache_dir = Path(cache_dir) if cache_dir else run_dir.parent.parent / "averages" / cfg.task / "fisher"
+    checkpoint = run_dir / "checkpoints" / f"{variant}.safetensors"
+    sha = ckpt_io.cached_sha256(checkpoint)
+    path = fisher.diagonal_file(cache_dir, sha, fisher.diagonal_options(spec.opts))
+    if path.is_file() and fisher.diagonal_mismatch(path, sha, fisher.diagonal_options(spec.opts)) is None:
+        return path  # nothing to prepare
+    prep = training.prepare(cfg)
+    dev, precision, _ = training.resolve_runtime(cfg, device)
+    path, _ = fisher_diagonal_of(checkpoint, spec, cache_dir, prep, model=prep.model.to(dev), device=dev,
+                                 autocast_dtype=training.AUTOCAST.get(precision))
+    return path
 
 
 def _write_base(prep: "training.Prepared", path: Path, plan: CrossRunPlan) -> None:

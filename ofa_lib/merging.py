@@ -20,6 +20,15 @@ Methods (floating tensors; non-floating ones must be equal everywhere and are co
   1 − density and rescale the kept ones by 1/density, then the mean (θ₀ + λ·mean) or TIES' elect
   and disjoint mean. The drop mask is a hash of (seed, input position, tensor name, element
   index): reproducible for a seed and independent of how tensors are cut into blocks.
+- ``fisher`` (Matena & Raffel 2022): per parameter the Fisher-weighted mean
+  Σᵢ Fᵢ θᵢ / Σᵢ Fᵢ with Fᵢ = max(diagonal Fisher of run i, ``floor``): where every run's Fisher
+  is below the floor (zero: a parameter no example moves) the weights are equal and the result
+  is the uniform mean. The diagonals (:func:`ofa_lib.fisher.fisher_diagonal`) are computed once
+  per checkpoint and options and stored (:func:`ofa_lib.fisher.cached_diagonal`); a merge
+  refuses a diagonal whose recorded checkpoint sha256 or options are not its input's. Its
+  options ``examples``, ``split`` (English ``train`` or ``dev``), ``labels`` (``sample`` /
+  ``argmax``) and ``seed`` say how the diagonal was estimated and are part of the content key.
+  Incremental over r: the running numerator Σ Fᵢθᵢ and denominator Σ Fᵢ (two fp32 models).
 - ``greedy_soup`` (Wortsman et al. 2022): needs scores, so it runs in the cross-run pass
   (:mod:`ofa_lib.crossrun`): candidates sorted by English dev, each kept only if the English-dev
   score of the uniform soup does not drop. Its weights are a uniform mean of the kept runs.
@@ -33,6 +42,7 @@ selection over the blocks (2 extra reads of that tensor).
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import json
 import math
@@ -43,13 +53,14 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
-from . import averaging, ckpt_io
+from . import averaging, ckpt_io, fisher
 from .ckpt_io import CheckpointMismatchError, PathLike, StateDict
 
 METHOD_KEY = "ofa_merge_method"    # output metadata: the method's label
 OPTIONS_KEY = "ofa_merge_options"  # JSON of the filled-in options
 INPUTS_KEY = "ofa_merge_inputs"    # JSON list of {file, sha256, run_id}
 BASE_KEY = "ofa_merge_base"        # JSON {file, sha256} of θ₀
+FISHERS_KEY = "ofa_merge_fishers"  # JSON list of {file, sha256} of the inputs' Fisher diagonals
 
 
 _FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")  # safetensors dtype names of floating tensors
@@ -70,6 +81,8 @@ class Method:
     ordered: bool = False       # does the order of the inputs change the result?
     needs_scores: bool = False  # greedy_soup: only in the cross-run pass
     summary: str = ""
+    needs_fisher: bool = False  # fisher: each input's stored diagonal Fisher
+    choices: Mapping[str, tuple[str, ...]] | None = None  # options that take one of these strings
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (
@@ -83,6 +96,11 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            ordered=True, summary="random drop (1 − density), rescale 1/density, mean"),
     Method("dare_ties", {"density": 0.5, "lambda": 1.0, "seed": 0}, needs_base=True, incremental=False,
            ordered=True, summary="random drop (1 − density), rescale 1/density, TIES elect + disjoint mean"),
+    # floor: only parameters (almost) no example moves fall back to equal weights (docs/method.md)
+    Method("fisher", {"examples": 256, "split": "train", "labels": "sample", "seed": 0, "floor": 1e-12},
+           needs_base=False, incremental=True, needs_fisher=True,
+           choices={"split": fisher.DIAGONAL_SPLITS, "labels": fisher.LABEL_MODES},
+           summary="Σ Fᵢ θᵢ / Σ Fᵢ with Fᵢ each run's diagonal Fisher on English data (floored)"),
     Method("greedy_soup", {}, needs_base=False, incremental=False, needs_scores=True,
            summary="uniform mean of the runs kept greedily by English dev"),
 )}
@@ -95,14 +113,14 @@ class MergeSpec:
     """A method with every option filled in (defaults included), validated."""
 
     method: str
-    options: tuple[tuple[str, float | int], ...] = ()
+    options: tuple[tuple[str, float | int | str], ...] = ()
 
     @property
     def info(self) -> Method:
         return METHODS[self.method]
 
     @property
-    def opts(self) -> dict[str, float | int]:
+    def opts(self) -> dict[str, float | int | str]:
         return dict(self.options)
 
     @property
@@ -133,14 +151,20 @@ def make_spec(name: str, options: Mapping[str, Any] | None = None, *, where: str
     if unknown:
         raise MergeSpecError(f"{where}.{name}: unknown option(s) {unknown}; {canonical} takes "
                              f"{sorted(method.defaults) or 'no options'}")
-    filled: dict[str, float | int] = {}
+    filled: dict[str, float | int | str] = {}
     for opt, default in method.defaults.items():
         value = options.get(opt, default)
+        if opt in (method.choices or {}):
+            if value not in method.choices[opt]:
+                raise MergeSpecError(f"{where}.{name}.{opt}: expected one of {list(method.choices[opt])}, got {value!r}")
+            filled[opt] = str(value)
+            continue
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise MergeSpecError(f"{where}.{name}.{opt}: expected a number, got {value!r}")
-        if opt == "seed":
-            if int(value) != value or value < 0:
-                raise MergeSpecError(f"{where}.{name}.seed: expected a non-negative integer, got {value!r}")
+        if opt in ("seed", "examples"):
+            if int(value) != value or value < (0 if opt == "seed" else 1):
+                raise MergeSpecError(f"{where}.{name}.{opt}: expected a {'non-negative' if opt == 'seed' else 'positive'} "
+                                     f"integer, got {value!r}")
             value = int(value)
         else:
             value = float(value)
@@ -148,6 +172,8 @@ def make_spec(name: str, options: Mapping[str, Any] | None = None, *, where: str
                 raise MergeSpecError(f"{where}.{name}.{opt}: expected a finite number, got {value!r}")
             if opt == "density" and not 0.0 < value <= 1.0:
                 raise MergeSpecError(f"{where}.{name}.density: expected 0 < density <= 1, got {value!r}")
+            if opt == "floor" and not value > 0.0:
+                raise MergeSpecError(f"{where}.{name}.floor: expected a positive number, got {value!r}")
         filled[opt] = value
     return MergeSpec(canonical, tuple(sorted(filled.items())))
 
@@ -181,7 +207,7 @@ def parse_methods(spec: Sequence[str] | Mapping[str, Mapping[str, Any] | None] |
 def spec_from_label(label: str) -> MergeSpec | None:
     """Inverse of :attr:`MergeSpec.label` (None for a label this registry does not know)."""
     name, _, rest = str(label).partition("(")
-    options: dict[str, float] = {}
+    options: dict[str, Any] = {}
     if rest:
         if not rest.endswith(")"):
             return None
@@ -189,9 +215,9 @@ def spec_from_label(label: str) -> MergeSpec | None:
             opt, eq, value = part.partition("=")
             if not eq:
                 return None
-            try:
-                options[opt] = float(value) if opt != "seed" else int(value)
-            except ValueError:
+            try:  # the reprs the label wrote: numbers and quoted strings
+                options[opt] = ast.literal_eval(value)
+            except (ValueError, SyntaxError):
                 return None
     try:
         spec = make_spec(name, options)
@@ -286,11 +312,54 @@ def check_inputs(spec: MergeSpec, paths: Sequence[PathLike], base: PathLike | No
     return infos, binfo
 
 
+def check_fishers(spec: MergeSpec, infos: Sequence[ckpt_io.CheckpointInfo],
+                  fishers: Sequence[PathLike] | None) -> list[Path]:
+    """One stored diagonal per input (``fisher`` merges): each records its input's sha256 and the
+    spec's diagonal options, and holds every floating tensor of the input with its shape."""
+    if fishers is None or len(fishers) != len(infos):
+        raise MergeSpecError(f"merge method {spec.method} needs one Fisher diagonal per input (--fisher / fishers=): "
+                             f"got {0 if fishers is None else len(fishers)} for {len(infos)} input(s)")
+    options = fisher.diagonal_options(spec.opts)
+    out = []
+    for info, f in zip(infos, fishers):
+        f = Path(f)
+        if not f.is_file():
+            raise FileNotFoundError(f"Fisher diagonal not found: {f}")
+        why = fisher.diagonal_mismatch(f, ckpt_io.cached_sha256(info.path), options)
+        if why is not None:
+            raise CheckpointMismatchError(f"Fisher diagonal {f} cannot weight {info.path}: {why}; refusing to merge")
+        shapes = ckpt_io.checkpoint_info(f).shapes
+        for key, dt in info.dtypes.items():
+            if dt in _FLOAT_DTYPES and shapes.get(key) != info.shapes[key]:
+                raise CheckpointMismatchError(
+                    f"Fisher diagonal {f} has {'no tensor' if key not in shapes else f'shape {list(shapes[key])} for'} "
+                    f"{key!r} (the input {info.path}: {list(info.shapes[key])})")
+        out.append(f)
+    return out
+
+
+def spec_from_fishers(fishers: Sequence[PathLike], floor: float | None = None) -> MergeSpec:
+    """The ``fisher`` spec the stored diagonals were made for (their options must agree), with ``floor``."""
+    found = {}
+    for f in fishers:
+        meta = ckpt_io.read_metadata(f)
+        if fisher.OPTIONS_KEY not in meta:
+            raise MergeSpecError(f"{f} is not a stored Fisher diagonal (no {fisher.OPTIONS_KEY} metadata)")
+        found[str(f)] = json.loads(meta[fisher.OPTIONS_KEY])
+    if len({json.dumps(v, sort_keys=True) for v in found.values()}) > 1:
+        raise MergeSpecError(f"the Fisher diagonals were estimated with different options: {found}")
+    opts = {k: v for k, v in next(iter(found.values())).items() if k in fisher.DIAGONAL_OPTIONS}
+    if floor is not None:
+        opts["floor"] = floor
+    return make_spec("fisher", opts, where="fisher diagonals")
+
+
 def merge_files(
     spec: MergeSpec,
     paths: Sequence[PathLike],
     *,
     base: PathLike | None = None,
+    fishers: Sequence[PathLike] | None = None,
     dtype: torch.dtype | None = torch.float32,
     out_path: PathLike | None = None,
 ) -> StateDict | None:
@@ -299,7 +368,8 @@ def merge_files(
     ``uniform`` is :func:`ofa_lib.averaging.average_checkpoints` (unchanged). Other methods read,
     per block of rows, θ₀'s block and each input's block (at most ``BLOCK / r`` elements each),
     compute the merged block in fp32 and write it into the output (``dtype``, default fp32; None:
-    each tensor's storage dtype in the first input).
+    each tensor's storage dtype in the first input). ``fisher`` reads each input's block and its
+    diagonal's (``fishers``: one stored diagonal per input, checked by :func:`check_fishers`).
     Every output tensor is checked finite (a NaN/inf in an input surfaces there, naming the
     tensor). With ``out_path`` the result is written atomically with the method, its options,
     the inputs' and θ₀'s sha256 in its metadata (:data:`METHOD_KEY` …) and None is returned.
@@ -308,24 +378,29 @@ def merge_files(
         raise MergeSpecError(f"{spec.method} selects runs by an evaluation score: run it in 03_average "
                              "(crossrun.average_runs), not on files alone")
     infos, binfo = check_inputs(spec, paths, base)
+    fpaths = check_fishers(spec, infos, fishers) if spec.info.needs_fisher else None
     if spec.method == "uniform":
         result = averaging.average_checkpoints([i.path for i in infos], dtype=dtype)
+    elif fpaths is not None:
+        result = _fisher_blocks(spec, infos, fpaths, dtype)
     else:
         result = _merge_blocks(spec, infos, binfo, dtype)
     if out_path is None:
         return result
-    ckpt_io.save_checkpoint(result, out_path, metadata=merge_metadata(spec, infos, binfo))
+    ckpt_io.save_checkpoint(result, out_path, metadata=merge_metadata(spec, infos, binfo, fpaths))
     return None
 
 
 def merge_metadata(spec: MergeSpec, infos: Sequence[ckpt_io.CheckpointInfo],
-                   base: ckpt_io.CheckpointInfo | None) -> dict[str, str]:
+                   base: ckpt_io.CheckpointInfo | None, fishers: Sequence[Path] | None = None) -> dict[str, str]:
     """Output metadata: the head fingerprint, the method label and options, inputs and θ₀ with sha256."""
     meta = {METHOD_KEY: spec.label, OPTIONS_KEY: json.dumps(spec.opts, sort_keys=True),
             INPUTS_KEY: json.dumps([{"file": str(i.path), "sha256": ckpt_io.file_sha256(i.path), "run_id": i.run_id}
                                     for i in infos])}
     if base is not None:
         meta[BASE_KEY] = json.dumps({"file": str(base.path), "sha256": ckpt_io.file_sha256(base.path)})
+    if fishers is not None:
+        meta[FISHERS_KEY] = json.dumps([{"file": str(f), "sha256": ckpt_io.file_sha256(f)} for f in fishers])
     if infos[0].fingerprint is not None:
         meta[ckpt_io.FINGERPRINT_KEY] = infos[0].fingerprint
     return meta
@@ -362,6 +437,50 @@ def _merge_blocks(spec: MergeSpec, infos: Sequence[ckpt_io.CheckpointInfo], binf
                 target = out if rows is None else out[rows]
                 target.copy_(theta0.add_(merged, alpha=opts["lambda"]))
                 del taus, merged, theta0
+                ckpt_io.check_finite(key, target, what="merged tensor")
+            result[key] = out
+    return result
+
+
+def _fisher_weight(reader: ckpt_io.TensorReader, key: str, rows: slice | None, floor: float) -> torch.Tensor:
+    """A block of a stored diagonal as the merge weight max(F, floor) in fp32 (finite, else refused)."""
+    w = reader.get_rows(key, rows).to(torch.float32)
+    ckpt_io.check_finite(key, w, what=f"Fisher diagonal {reader.path}, tensor")
+    return w.clamp_(min=floor)
+
+
+def _copy_equal(key: str, readers: Sequence[ckpt_io.TensorReader]) -> torch.Tensor:
+    """A non-floating tensor (an integer buffer): equal in every input, copied."""
+    first = readers[0].get_rows(key)
+    for rd in readers[1:]:
+        t = rd.get_rows(key)
+        if t.dtype != first.dtype or not torch.equal(t, first):
+            raise CheckpointMismatchError(f"non-floating tensor {key!r} differs between {readers[0].path} and {rd.path}")
+    return first
+
+
+def _fisher_blocks(spec: MergeSpec, infos: Sequence[ckpt_io.CheckpointInfo], fishers: Sequence[Path],
+                   dtype: torch.dtype | None) -> StateDict:
+    """Σᵢ max(Fᵢ, floor) θᵢ / Σᵢ max(Fᵢ, floor) per block of rows, one input (weights and diagonal) at a
+    time: O(block) working memory beside the output."""
+    floor = spec.opts["floor"]
+    result: StateDict = {}
+    with contextlib.ExitStack() as stack:
+        readers = [stack.enter_context(ckpt_io.TensorReader(i.path)) for i in infos]
+        weights = [stack.enter_context(ckpt_io.TensorReader(f)) for f in fishers]
+        for key, shape in infos[0].shapes.items():
+            if infos[0].dtypes[key] not in _FLOAT_DTYPES:
+                result[key] = _copy_equal(key, readers)
+                continue
+            out = torch.empty(shape, dtype=dtype or ckpt_io.DTYPES[infos[0].dtypes[key]])
+            for rows in ckpt_io.row_blocks(shape):
+                num = den = None
+                for rd, wr in zip(readers, weights):
+                    w = _fisher_weight(wr, key, rows, floor)
+                    wt = _finite(rd, key, rows).mul_(w)
+                    num, den = (wt, w) if num is None else (num.add_(wt), den.add_(w))
+                target = out if rows is None else out[rows]
+                target.copy_(num.div_(den))
                 ckpt_io.check_finite(key, target, what="merged tensor")
             result[key] = out
     return result
@@ -411,15 +530,21 @@ def _merge_taus(spec: MergeSpec, key: str, taus: torch.Tensor, start: int, thres
 
 # --------------------------------------------------------------------------- incremental over r
 def incremental_states(spec: MergeSpec, paths: Sequence[PathLike], *, base: PathLike | None = None,
+                       fishers: Sequence[PathLike] | None = None,
                        dtype: torch.dtype = torch.float32) -> Iterator[StateDict]:
     """Yield the merges of the first 1, 2, … r ``paths`` reading each input once (incremental
     methods only): ``uniform`` is :func:`ofa_lib.averaging.running_average` (today's stream,
     bit for bit); ``task_arithmetic`` keeps the fp32 running sum S_r = S_{r-1} + τ_r (one model)
-    and yields θ₀ + λ S_r (θ₀ read again, block by block, for each r)."""
+    and yields θ₀ + λ S_r (θ₀ read again, block by block, for each r); ``fisher`` keeps the fp32
+    running numerator Σ Fᵢθᵢ and denominator Σ Fᵢ (two models; ``fishers``: one diagonal per path)
+    and yields their ratio."""
     if not spec.info.incremental:
         raise MergeSpecError(f"{spec.method} needs all r inputs per tensor; it is not incremental over r")
     if spec.method == "uniform":
         yield from averaging.running_average(paths, dtype=dtype)
+        return
+    if spec.info.needs_fisher:
+        yield from _fisher_incremental(spec, paths, fishers, dtype)
         return
     paths = [Path(p) for p in paths]
     if not paths:
@@ -454,9 +579,44 @@ def incremental_states(spec: MergeSpec, paths: Sequence[PathLike], *, base: Path
             yield out
 
 
+def _fisher_incremental(spec: MergeSpec, paths: Sequence[PathLike], fishers: Sequence[PathLike] | None,
+                        dtype: torch.dtype) -> Iterator[StateDict]:
+    paths = [Path(p) for p in paths]
+    if not paths:
+        return
+    ref = ckpt_io.checkpoint_info(paths[0])
+    if fishers is None or len(fishers) != len(paths):
+        check_fishers(spec, [ref] * len(paths), fishers)  # raises, naming what is missing
+    floor = spec.opts["floor"]
+    num: StateDict = {}
+    den: StateDict = {}
+    with ckpt_io.TensorReader(ref.path) as first:  # integer buffers: equal to the first input's
+        for path, fpath in zip(paths, fishers):
+            info = ckpt_io.checkpoint_info(path)
+            ckpt_io.check_compatible(ref, info)
+            (fpath,) = check_fishers(spec, [info], [fpath])
+            out: StateDict = {}
+            with ckpt_io.TensorReader(path) as rd, ckpt_io.TensorReader(fpath) as wr:
+                for key in ref.shapes:
+                    if ref.dtypes[key] not in _FLOAT_DTYPES:
+                        out[key] = _copy_equal(key, [first, rd])
+                        continue
+                    w = _fisher_weight(wr, key, None, floor)
+                    wt = _finite(rd, key, None).mul_(w)
+                    if key in num:
+                        num[key].add_(wt)
+                        den[key].add_(w)
+                    else:
+                        num[key], den[key] = wt, w
+                    out[key] = (num[key] / den[key]).to(dtype)
+                    ckpt_io.check_finite(key, out[key], what="merged tensor")
+            yield out
+
+
 # --------------------------------------------------------------------------- ofa-merge
 def main(argv: Sequence[str] | None = None) -> int:
-    """``ofa-merge --method M [--base BASE] [--density D] [--lambda L] [--seed S] --out OUT IN…``"""
+    """``ofa-merge --method M [--base BASE] [--density D] [--lambda L] [--seed S] [--fisher F --fisher F … [--floor E]]
+    --out OUT IN…``"""
     import argparse
     import sys
 
@@ -471,17 +631,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--density", type=float, help="ties, dare_*: fraction of each task vector kept")
     parser.add_argument("--lambda", dest="lam", type=float, help="scale of the merged task vector")
     parser.add_argument("--seed", type=int, help="dare_*: seed of the drop masks")
+    parser.add_argument("--fisher", type=Path, action="append", metavar="F",
+                        help="fisher: the stored Fisher diagonal of an input, once per input in the order of IN "
+                        "(03_average writes them under <averages>/fisher/; each records its checkpoint's sha256 "
+                        "and options, checked here)")
+    parser.add_argument("--floor", type=float, help="fisher: least Fisher weight (parameters below it in every "
+                        "input get equal weights)")
     parser.add_argument("--out", required=True, type=Path, help="output .safetensors file (written atomically)")
     parser.add_argument("inputs", nargs="+", type=Path, metavar="IN")
     args = parser.parse_args(argv)
-    given = {k: v for k, v in (("density", args.density), ("lambda", args.lam), ("seed", args.seed)) if v is not None}
+    given = {k: v for k, v in (("density", args.density), ("lambda", args.lam), ("seed", args.seed),
+                               ("floor", args.floor)) if v is not None}
     try:
-        spec = make_spec(args.method, given, where="ofa-merge")
+        if ALIASES.get(args.method, args.method) == "fisher":
+            # the diagonal options (examples, split, labels, seed) are the ones the stored diagonals record
+            if args.seed is not None or args.density is not None or args.lam is not None:
+                raise MergeSpecError("ofa-merge: fisher takes --fisher files and --floor only")
+            if not args.fisher:
+                raise MergeSpecError("ofa-merge: fisher needs --fisher F once per input (the stored Fisher diagonals)")
+            spec = spec_from_fishers(args.fisher, args.floor)
+        else:
+            spec = make_spec(args.method, given, where="ofa-merge")
+            if args.fisher:
+                raise MergeSpecError(f"ofa-merge: --fisher is not used by {spec.method}")
         if args.base is not None and not spec.info.needs_base:
             raise MergeSpecError(f"ofa-merge: --base is not used by {spec.method}")
         if args.out.suffix != ".safetensors":
             raise MergeSpecError(f"ofa-merge: --out {args.out} must end in .safetensors")
-        merge_files(spec, args.inputs, base=args.base, dtype=torch.float32, out_path=args.out)
+        merge_files(spec, args.inputs, base=args.base, fishers=args.fisher, dtype=torch.float32, out_path=args.out)
     except (MergeSpecError, CheckpointMismatchError, ckpt_io.NonFiniteError, FileNotFoundError, OSError) as err:
         print(f"ofa-merge: error: {err}", file=sys.stderr)
         return 2

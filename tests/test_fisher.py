@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -161,3 +162,74 @@ def test_bad_arguments_are_named():
         fisher.fisher_trace(Tiny(), batches(), label_mode="true")
     with pytest.raises(ValueError, match="block 'x'"):
         fisher.fisher_trace(Tiny(), batches(), blocks={"x": ["nope.weight"]})
+
+
+def hand_diagonal(model: Tiny, bs, mode: str, seed: int) -> dict[str, torch.Tensor]:
+    """Per-example squared gradients of ``lin`` by the closed form, averaged (sequence classification)."""
+    gen = torch.Generator().manual_seed(seed)
+    gw_sq, gb_sq, n = 0.0, 0.0, 0
+    with torch.no_grad():
+        for b in bs:
+            h = model.features(b["input_ids"], b["attention_mask"]).double()
+            lp = torch.log_softmax(model.lin(h.float()).float(), -1)
+            if mode == "argmax":
+                y = lp.argmax(-1)
+            else:  # the documented draw, one uniform per example (an example is its own pass)
+                u = torch.rand(lp.shape[0], generator=gen, dtype=torch.float64)
+                cdf = lp.double().exp().cumsum(-1)
+                y = torch.tensor([int((c / c[-1] < ui).sum()) for c, ui in zip(cdf, u)])
+            r = torch.nn.functional.one_hot(y, lp.shape[-1]).double() - lp.exp().double()
+            gw_sq = gw_sq + torch.einsum("bc,bd->bcd", r, h).pow(2).sum(0)
+            gb_sq = gb_sq + r.pow(2).sum(0)
+            n += h.shape[0]
+    return {"lin.weight": gw_sq / n, "lin.bias": gb_sq / n}
+
+
+@pytest.mark.parametrize("mode", ["sample", "argmax"])
+def test_diagonal_matches_hand_computation_and_sums_to_the_trace(mode):
+    model = Tiny()
+    bs = batches()
+    diag, n = fisher.fisher_diagonal(model, bs, label_mode=mode, seed=5)
+    assert n == 12 and set(diag) == {"emb.weight", "lin.weight", "lin.bias"}
+    want = hand_diagonal(model, bs, mode, seed=5)
+    for key in want:
+        torch.testing.assert_close(diag[key].double(), want[key], rtol=1e-5, atol=1e-9)
+    # the same loop as tr(F): its per-example trace is the sum of the diagonal
+    trace = fisher.fisher_trace(model, bs, label_mode=mode, seed=5, blocks=BLOCKS, estimator="example")["lin"]
+    assert trace == pytest.approx(float(diag["lin.weight"].sum() + diag["lin.bias"].sum()), rel=1e-5)
+    assert float(diag["emb.weight"].abs().sum()) > 0  # frozen parameters get their Fisher too
+    assert not model.emb.weight.requires_grad and all(p.grad is None for p in model.parameters())
+
+
+def test_cached_diagonal_is_computed_once_and_recomputed_for_other_bytes(tmp_path):
+    from ofa_lib import ckpt_io
+
+    ckpt = tmp_path / "m.safetensors"
+    ckpt_io.save_checkpoint({"w": torch.ones(3)}, ckpt)
+    opts = fisher.diagonal_options({"examples": 8, "split": "train", "labels": "sample", "seed": 0})
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"w": torch.full((3,), float(len(calls)))}, 8
+
+    path, computed = fisher.cached_diagonal(ckpt, opts, tmp_path / "cache", compute)
+    assert computed and len(calls) == 1 and path.parent == tmp_path / "cache"
+    meta = ckpt_io.read_metadata(path)
+    assert meta[fisher.CHECKPOINT_SHA_KEY] == ckpt_io.file_sha256(ckpt) and meta[fisher.EXAMPLES_KEY] == "8"
+    assert fisher.cached_diagonal(ckpt, opts, tmp_path / "cache", compute) == (path, False) and len(calls) == 1
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [path.name]  # no temp litter
+    # other options: another file
+    other, computed = fisher.cached_diagonal(ckpt, dict(opts, examples=16), tmp_path / "cache", compute)
+    assert computed and other != path and len(calls) == 2
+    # a file at that name that records another checkpoint's hash is not trusted: computed again
+    ckpt_io.save_checkpoint({"w": torch.zeros(3)}, path, metadata={fisher.CHECKPOINT_SHA_KEY: "0" * 64,
+                                                                 fisher.OPTIONS_KEY: json.dumps(opts)})
+    with pytest.warns(UserWarning, match="does not belong"):
+        again, computed = fisher.cached_diagonal(ckpt, opts, tmp_path / "cache", compute)
+    assert again == path and computed and len(calls) == 3
+    assert ckpt_io.read_metadata(path)[fisher.CHECKPOINT_SHA_KEY] == ckpt_io.file_sha256(ckpt)
+    # the checkpoint's bytes change: its hash names another file, computed afresh
+    ckpt_io.save_checkpoint({"w": torch.full((3,), 2.0)}, ckpt)
+    changed, computed = fisher.cached_diagonal(ckpt, opts, tmp_path / "cache", compute)
+    assert computed and changed not in (path, other) and len(calls) == 4

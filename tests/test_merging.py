@@ -226,3 +226,101 @@ def test_ofa_merge_command(tmp_path, capsys):
     assert not (tmp_path / "u.safetensors").exists()
     assert merging.main(["--method", "uniform", "--density", "0.5", "--out", str(tmp_path / "u.safetensors"),
                          *map(str, paths)]) == 2  # an option the method does not take
+
+
+# --------------------------------------------------------------------------- fisher
+def _fishers(tmp: Path, paths: list[Path], spec, seed: int = 1, zero: str = "layer.bias") -> tuple[list[Path], list[dict]]:
+    """A stored diagonal per input (random non-negative, some exact zeros; ``zero``: 0 in every input)."""
+    from ofa_lib import fisher
+
+    gen = torch.Generator().manual_seed(seed)
+    opts = fisher.diagonal_options(spec.opts)
+    out, values = [], []
+    for i, p in enumerate(paths):
+        diag = {}
+        for k, s in SHAPES.items():
+            f = torch.rand(s, generator=gen) ** 3 * 1e-3
+            f[torch.rand(s, generator=gen) < 0.2] = 0.0
+            diag[k] = torch.zeros(s) if k == zero else f
+        out.append(fisher.diagonal_file(tmp / "fisher", ckpt_io.file_sha256(p), opts))
+        fisher.save_diagonal(diag, out[-1], checkpoint_sha256=ckpt_io.file_sha256(p), options=opts, examples=8)
+        values.append({k: v.double().numpy() for k, v in diag.items()})
+    return out, values
+
+
+def ref_fisher(thetas, fishers, floor):
+    """Matena & Raffel 2022, eq. 2 with a floor: Σ max(F, ε) θ / Σ max(F, ε)."""
+    w = [np.maximum(f, floor) for f in fishers]
+    return sum(wi * t for wi, t in zip(w, thetas)) / sum(w)
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_fisher_matches_the_weighted_mean_and_falls_back_to_uniform(tmp_path, monkeypatch, n):
+    _, paths, _, thetas = _models(tmp_path, n, dtype=torch.bfloat16)
+    spec = merging.make_spec("fisher", {"examples": 8, "floor": 1e-8})
+    fpaths, fvals = _fishers(tmp_path, paths, spec)
+    ts = [_np(t) for t in thetas]
+    got = merging.merge_files(spec, paths, fishers=fpaths)
+    for key in SHAPES:
+        want = ref_fisher([t[key] for t in ts], [f[key] for f in fvals], 1e-8)
+        np.testing.assert_allclose(got[key].numpy(), want, rtol=2e-6, atol=2e-6, err_msg=key)
+    # Fisher 0 in every input: the uniform mean
+    np.testing.assert_allclose(got["layer.bias"].numpy(), np.mean([t["layer.bias"] for t in ts], axis=0), rtol=0, atol=1e-6)
+    assert torch.equal(got["pos"], torch.arange(4))
+    # incremental over r: each r is the merge of the first r inputs; row blocks change nothing
+    for r, state in enumerate(merging.incremental_states(spec, paths, fishers=fpaths), start=1):
+        one = merging.merge_files(spec, paths[:r], fishers=fpaths[:r])
+        for key in one:
+            torch.testing.assert_close(state[key], one[key], rtol=1e-6, atol=1e-7)
+    monkeypatch.setattr(ckpt_io, "BLOCK", 24)
+    blocked = merging.merge_files(spec, paths, fishers=fpaths)
+    assert all(torch.equal(blocked[k], got[k]) for k in got)
+
+
+def test_fisher_refuses_diagonals_of_other_checkpoints_or_options(tmp_path):
+    from ofa_lib import fisher
+
+    _, paths, _, thetas = _models(tmp_path, 2)
+    spec = merging.make_spec("fisher", {"examples": 8})
+    fpaths, _ = _fishers(tmp_path, paths, spec)
+    with pytest.raises(CheckpointMismatchError, match=r"m0.safetensors.*computed for the checkpoint with sha256"):
+        merging.merge_files(spec, paths, fishers=fpaths[::-1])
+    with pytest.raises(CheckpointMismatchError, match="computed with options"):
+        merging.merge_files(merging.make_spec("fisher", {"examples": 9}), paths, fishers=fpaths)
+    with pytest.raises(merging.MergeSpecError, match="one Fisher diagonal per input"):
+        merging.merge_files(spec, paths, fishers=fpaths[:1])
+    with pytest.raises(merging.MergeSpecError, match="one Fisher diagonal per input"):
+        next(merging.incremental_states(spec, paths))
+    short = tmp_path / "short.safetensors"
+    sha = ckpt_io.file_sha256(paths[0])
+    fisher.save_diagonal({"emb.weight": torch.ones(SHAPES["emb.weight"])}, short, checkpoint_sha256=sha,
+                         options=fisher.diagonal_options(spec.opts), examples=8)
+    with pytest.raises(CheckpointMismatchError, match=r"short.safetensors has no tensor 'head.weight'"):
+        merging.merge_files(spec, paths[:1], fishers=[short])
+    for bad, match in (({"fisher": {"split": "test"}}, r"fisher.split: expected one of \['train', 'dev'\]"),
+                       ({"fisher": {"examples": 0}}, "positive integer"), ({"fisher": {"floor": 0}}, "positive number"),
+                       ({"fisher": {"density": 0.5}}, "unknown option")):
+        with pytest.raises(merging.MergeSpecError, match=match):
+            merging.parse_methods(bad)
+
+
+def test_ofa_merge_fisher(tmp_path, capsys):
+    _, paths, _, thetas = _models(tmp_path, 3)
+    spec = merging.make_spec("fisher", {"examples": 8, "split": "dev", "labels": "argmax"})
+    fpaths, fvals = _fishers(tmp_path, paths, spec)
+    out = tmp_path / "fisher.safetensors"
+    args = ["--method", "fisher", "--floor", "1e-9", "--out", str(out)]
+    assert merging.main(args + [a for f in fpaths for a in ("--fisher", str(f))] + [str(p) for p in paths]) == 0
+    got, ts = load_checkpoint(out), [_np(t) for t in thetas]
+    for key in SHAPES:
+        np.testing.assert_allclose(got[key].numpy(), ref_fisher([t[key] for t in ts], [f[key] for f in fvals], 1e-9),
+                                   rtol=2e-6, atol=2e-6)
+    meta = read_metadata(out)
+    assert meta[merging.METHOD_KEY] == "fisher(examples=8,floor=1e-09,labels='argmax',seed=0,split='dev')"
+    assert [f["sha256"] for f in json.loads(meta[merging.FISHERS_KEY])] == [ckpt_io.file_sha256(f) for f in fpaths]
+    capsys.readouterr()
+    assert merging.main(args + [str(p) for p in paths]) == 2 and "--fisher F once per input" in capsys.readouterr().err
+    assert merging.main(args + ["--fisher", str(fpaths[1]), "--fisher", str(fpaths[0]), str(paths[0]), str(paths[1])]) == 2
+    assert "computed for the checkpoint" in capsys.readouterr().err
+    assert merging.main(["--method", "uniform", "--fisher", str(fpaths[0]), "--out", str(tmp_path / "u.safetensors"),
+                         str(paths[0])]) == 2
