@@ -540,7 +540,8 @@ def average_runs(
     soup's English-dev trials), ``reused`` (content already in the store under another name),
     ``already_stored`` (this very name), ``avoided`` (= reused + already_stored),
     ``soups_skipped``, ``checkpoint_reads``, ``seconds`` (all), ``setup_seconds`` (building the
-    model skeleton and evaluation sets, only when something is evaluated), ``eval_seconds``.
+    model skeleton and evaluation sets, only when something is evaluated), ``eval_seconds``,
+    ``fisher_computed`` / ``fisher_reused`` / ``fisher_seconds`` (the ``fisher`` method's diagonals).
     """
     t_start = time.perf_counter()
     plan = plan_pass(runs, variants=variants, r_max=r_max, samplings=samplings, soup_k=soup_k, methods=methods,
@@ -550,7 +551,9 @@ def average_runs(
     stats["seconds"] = round(time.perf_counter() - t_start, 2)
     print(f"average_runs: {stats['evaluations']} evaluation(s), {stats['avoided']} avoided "
           f"({stats['reused']} reused by content, {stats['already_stored']} already stored), "
-          f"{stats['checkpoint_reads']} checkpoint read(s), {stats['seconds']:.1f} s")
+          f"{stats['checkpoint_reads']} checkpoint read(s), {stats['seconds']:.1f} s"
+          + (f"; Fisher diagonals: {stats['fisher_computed']} computed, {stats['fisher_reused']} read "
+             f"({stats['fisher_seconds']:.1f} s)" if stats["fisher_computed"] or stats["fisher_reused"] else ""))
     wanted = {(it.method, it.name) for it in plan.items}
     out = R.read(results_path) if Path(results_path).exists() else R.empty_frame()
     out = out[(out["task"] == plan.cfg.task) & (out["model"] == plan.cfg.model_name) & out["kind"].isin(R.CROSS_KINDS)]
@@ -582,7 +585,7 @@ def execute_pass(plan: CrossRunPlan, store: _Store, *, keep_checkpoints: bool = 
             t0 = time.perf_counter()
             prep = training.prepare(cfg)
             if needs_base:  # θ₀ is the skeleton before any merge is loaded into it
-                _write_base(prep, base_file, plan)
+                _write_base(prep, base_file, {_manifest(p).get("head_fingerprint") for p in plan.paths.values()})
             dev, precision, _ = training.resolve_runtime(cfg, device)  # the runs' precision rule, on this machine
             skeleton.update(model=prep.model.to(dev).eval(), sets=prep.dev_sets[:1] + prep.test_sets, device=dev,
                             autocast=training.AUTOCAST.get(precision))
@@ -595,7 +598,8 @@ def execute_pass(plan: CrossRunPlan, store: _Store, *, keep_checkpoints: bool = 
     def base() -> Path:
         model_and_sets()
         if not base_file.is_file():  # the skeleton was built by an earlier pass step: build θ₀ afresh
-            _write_base(training.prepare(cfg), base_file, plan)
+            _write_base(training.prepare(cfg), base_file,
+                        {_manifest(p).get("head_fingerprint") for p in plan.paths.values()})
         return base_file
 
     def fishers(spec: merging.MergeSpec, paths: list[Path]) -> list[Path]:
@@ -750,12 +754,29 @@ def run_fisher_diagonal(run_dir: str | Path, variant: str = "ca", methods: Any =
     return path
 
 
-def _write_base(prep: "training.Prepared", path: Path, plan: CrossRunPlan) -> None:
+def base_file_of_run(run_dir: str | Path, averages_dir: str | Path | None = None) -> Path:
+    """θ₀ of one finished run (``ofa-merge --base-from-run``): the pretrained encoder with the run's
+    vocabulary and frozen, aligned head, built from the run's config (:func:`ofa_lib.training.prepare`)
+    and written once in fp32 where the cross-run pass keeps it
+    (``<averages_dir or runs_root/../averages/<task>>/base-<digest>.safetensors``, the same file)."""
+    run_dir = Path(run_dir)
+    m = _manifest(run_dir)
+    ckpt_io.verify_recorded(run_dir, m.get("checkpoint_sha256") or {}, m["run_id"])
+    runs = pd.DataFrame([{"run_id": m["run_id"], "path": str(run_dir), "head_fingerprint": m.get("head_fingerprint")}])
+    base_id = next(iter(_groups(base_identity(runs))))  # as plan_pass names it
+    cfg = TrainConfig(**m["params"])
+    avg_dir = Path(averages_dir) if averages_dir else run_dir.parent.parent / "averages" / cfg.task
+    path = avg_dir / f"base-{key_digest([base_id])}.safetensors"
+    if not path.is_file():
+        _write_base(training.prepare(cfg), path, {m.get("head_fingerprint")})
+    return path
+
+
+def _write_base(prep: "training.Prepared", path: Path, fps: set) -> None:
     """Write θ₀ (the prepared, not yet trained model: pretrained encoder, trimmed vocabulary, the
-    run's head) in fp32, after checking its head is the runs' (same fingerprint)."""
+    run's head) in fp32, after checking its head is the runs' (same fingerprint, ``fps``)."""
     if path.is_file():
         return
-    fps = {_manifest(p).get("head_fingerprint") for p in plan.paths.values()}
     if fps != {prep.head_fingerprint}:
         raise IncompatibleRunsError(f"θ₀ built from the first run's config has head fingerprint {prep.head_fingerprint}, "
                                     f"the runs {sorted(map(str, fps))}: refusing to merge task vectors")

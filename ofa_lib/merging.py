@@ -628,6 +628,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--method", required=True, choices=methods)
     parser.add_argument("--base", type=Path, help="θ₀: the pretrained weights with the runs' head (task_arithmetic, "
                         "ties, dare_*); 03_average writes it as <averages>/base-<digest>.safetensors")
+    parser.add_argument("--base-from-run", type=Path, metavar="RUN_DIR",
+                        help="θ₀ built from a finished run's config (pretrained encoder, the run's vocabulary and "
+                        "head), written once as <runs_root>/../averages/<task>/base-<digest>.safetensors, the file "
+                        "03_average uses; instead of --base")
     parser.add_argument("--density", type=float, help="ties, dare_*: fraction of each task vector kept")
     parser.add_argument("--lambda", dest="lam", type=float, help="scale of the merged task vector")
     parser.add_argument("--seed", type=int, help="dare_*: seed of the drop masks")
@@ -654,12 +658,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             spec = make_spec(args.method, given, where="ofa-merge")
             if args.fisher:
                 raise MergeSpecError(f"ofa-merge: --fisher is not used by {spec.method}")
-        if args.base is not None and not spec.info.needs_base:
-            raise MergeSpecError(f"ofa-merge: --base is not used by {spec.method}")
+        if args.base is not None and args.base_from_run is not None:
+            raise MergeSpecError("ofa-merge: give --base or --base-from-run, not both")
+        if (args.base is not None or args.base_from_run is not None) and not spec.info.needs_base:
+            raise MergeSpecError(f"ofa-merge: --base/--base-from-run is not used by {spec.method}")
         if args.out.suffix != ".safetensors":
             raise MergeSpecError(f"ofa-merge: --out {args.out} must end in .safetensors")
+        if args.base_from_run is not None:
+            from . import crossrun  # (it imports this module)
+
+            if not (args.base_from_run / "manifest.json").is_file():
+                raise FileNotFoundError(f"--base-from-run {args.base_from_run}: no manifest.json (not a run folder)")
+            args.base = crossrun.base_file_of_run(args.base_from_run)
+            print(f"ofa-merge: θ₀ of run {args.base_from_run.name}: {args.base}")
         merge_files(spec, args.inputs, base=args.base, fishers=args.fisher, dtype=torch.float32, out_path=args.out)
-    except (MergeSpecError, CheckpointMismatchError, ckpt_io.NonFiniteError, FileNotFoundError, OSError) as err:
+    except (ValueError, OSError) as err:  # spec, mismatch, non-finite, corrupt, incompatible runs; missing files
         print(f"ofa-merge: error: {err}", file=sys.stderr)
         return 2
     print(f"ofa-merge: {spec.label} of {len(args.inputs)} checkpoint(s) -> {args.out}")

@@ -294,3 +294,52 @@ def test_merge_methods_in_the_pass(averaged, tmp_path):
     assert set(S.CrossRunData.from_tidy(R.read(old), "sib").averages["variant"]) == {"last", "ca", "top4"}
     with pytest.raises(ValueError, match="method_variants"):
         crossrun.average_runs(runs, **dict(kw, method_variants=["last"]))
+
+
+def test_fisher_in_the_pass(averaged, tmp_path):
+    """fisher merges in the pass: each run's diagonal computed once (then read, also by a pass into a
+    fresh store), r = 1 scores like the run itself, a second pass evaluates nothing."""
+    from ofa_lib import fisher
+
+    runs, store, _ = averaged
+    kw = dict(variants=("ca",), r_max=3, samplings=[0, 1], soup_k=0, methods={"fisher": {"examples": 8}},
+              averages_dir=tmp_path / "averages", progress=False)
+    first = tmp_path / "first.parquet"
+    shutil.copy(store, first)
+    rows = crossrun.average_runs(runs, results_path=first, **kw)
+    stats = rows.attrs["stats"]
+    label = "fisher(examples=8,floor=1e-12,labels='sample',seed=0,split='train')"
+    assert set(rows["method"]) == {label} and rows["name"].nunique() == 6
+    assert stats["fisher_computed"] == 3 and stats["fisher_reused"] == 3  # 2 samplings over the same 3 runs
+    files = sorted((tmp_path / "averages" / "fisher").glob("*.safetensors"))
+    assert len(files) == 3 and not list((tmp_path / "averages" / "fisher").glob(".*"))
+    shas = {file_sha256(Path(p) / "checkpoints" / "ca.safetensors") for p in runs["path"]}
+    assert {averaging.read_metadata(f)[fisher.CHECKPOINT_SHA_KEY] for f in files} == shas
+    uni = R.read(first)
+    uni = uni[(uni["method"] == "uniform") & (uni["kind"] == "average")]
+    r1 = R.cross_name("acc_avg", "ca", 1, 0)
+    mine = rows[rows["name"] == r1].set_index(KEY)["value"].sort_index()
+    pd.testing.assert_series_equal(mine, uni[uni["name"] == r1].set_index(KEY)["value"].sort_index())
+    again = crossrun.average_runs(runs, results_path=first, **kw).attrs["stats"]
+    assert again["evaluations"] == 0 and again["fisher_computed"] == 0
+    fresh = crossrun.average_runs(runs, results_path=tmp_path / "fresh.parquet", **kw).attrs["stats"]
+    assert fresh["evaluations"] == 6 and fresh["fisher_computed"] == 0 and fresh["fisher_reused"] == 6
+
+
+def test_ofa_merge_base_from_run(averaged, tmp_path):
+    """θ₀ from a run's config: the file the pass names for these runs, then the same merge as with --base."""
+    from ofa_lib import merging
+
+    runs, _, _ = averaged
+    run_dir = Path(runs["path"].iloc[0])
+    ckpts = [str(Path(p) / "checkpoints" / "ca.safetensors") for p in runs["path"]]
+    out = tmp_path / "ta.safetensors"
+    assert merging.main(["--method", "task_arithmetic", "--base-from-run", str(run_dir), "--out", str(out), *ckpts]) == 0
+    plan = crossrun.plan_pass(runs, variants=("ca",), r_max=3, samplings=[0], soup_k=0, methods=["task_arithmetic"])
+    base = plan.avg_dir / f"base-{crossrun.key_digest([plan.base_id])}.safetensors"
+    assert base.is_file() and json.loads(averaging.read_metadata(out)["ofa_merge_base"])["file"] == str(base)
+    want = merging.merge_files(merging.make_spec("task_arithmetic"), ckpts, base=base)
+    got = averaging.load_checkpoint(out)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert merging.main(["--method", "uniform", "--base-from-run", str(run_dir), "--out", str(out), *ckpts]) == 2
+    assert merging.main(["--method", "ties", "--base-from-run", str(tmp_path), "--out", str(out), *ckpts]) == 2

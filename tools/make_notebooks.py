@@ -238,8 +238,9 @@ def average_notebook() -> nbformat.NotebookNode:
             "Run headless: `papermill notebooks/03_average.ipynb out.ipynb -p task sib`; then "
             "`notebooks/04_analysis.ipynb` with `source` = the results file.\n\n"
             "`methods` adds other merge rules of the same runs (`ofa_lib.merging`: uniform, task_arithmetic, ties, "
-            "dare_linear, dare_ties, greedy_soup), each row tagged with the method and its options in the store's "
-            "`method` column."),
+            "dare_linear, dare_ties, fisher, greedy_soup), each row tagged with the method and its options in the "
+            "store's `method` column. `fisher` weights each run per parameter by its diagonal Fisher on English "
+            "training data, computed once per run checkpoint into `<averages>/fisher/` (docs/method.md §6)."),
         new_code_cell(
             check_parameters("03_average") +
             "import pandas as pd\n"
