@@ -310,7 +310,8 @@ def test_fisher_in_the_pass(averaged, tmp_path):
     stats = rows.attrs["stats"]
     label = "fisher(examples=8,floor=1e-12,labels='sample',seed=0,split='train')"
     assert set(rows["method"]) == {label} and rows["name"].nunique() == 6
-    assert stats["fisher_computed"] == 3 and stats["fisher_reused"] == 3  # 2 samplings over the same 3 runs
+    # 3 runs: each diagonal computed once; sampling 1 reads those its unevaluated merges need
+    assert stats["fisher_computed"] == 3 and 0 < stats["fisher_reused"] <= 3
     files = sorted((tmp_path / "averages" / "fisher").glob("*.safetensors"))
     assert len(files) == 3 and not list((tmp_path / "averages" / "fisher").glob(".*"))
     shas = {file_sha256(Path(p) / "checkpoints" / "ca.safetensors") for p in runs["path"]}
@@ -323,7 +324,8 @@ def test_fisher_in_the_pass(averaged, tmp_path):
     again = crossrun.average_runs(runs, results_path=first, **kw).attrs["stats"]
     assert again["evaluations"] == 0 and again["fisher_computed"] == 0
     fresh = crossrun.average_runs(runs, results_path=tmp_path / "fresh.parquet", **kw).attrs["stats"]
-    assert fresh["evaluations"] == 6 and fresh["fisher_computed"] == 0 and fresh["fisher_reused"] == 6
+    assert fresh["evaluations"] == stats["evaluations"] and fresh["fisher_computed"] == 0
+    assert fresh["fisher_reused"] == stats["fisher_computed"] + stats["fisher_reused"]
 
 
 def test_ofa_merge_base_from_run(averaged, tmp_path):
