@@ -410,7 +410,7 @@ def test_a_stopped_kernel_is_given_up_and_the_grid_goes_on(tmp_outputs, tmp_path
     watcher.join(1)
     assert stopped, "the victim's kernel was never stopped"
     record = json.loads(G.failure_path(victim).read_text())
-    assert re.fullmatch(rf"stalled: no progress for \d+ s at step {stopped['step']} \(training\) "
+    assert re.fullmatch(rf"stalled: no progress for \d+ s at step {stopped['step']} \((training|scoring snapshot \d+/\d+)\) "
                         rf"\(resources.stall_timeout={stall}\)", record["error"]), record["error"]
     assert G.run_state(grid, victim) == "failed" and locks.holder(G.lock_path(grid, victim)) is None
     assert G.run_state(grid, other) == "done"
