@@ -27,6 +27,11 @@ class Run:
         return self.manifest["params"]["task"]
 
     @property
+    def config(self) -> TrainConfig:
+        """The run's training configuration, from its manifest."""
+        return TrainConfig(**self.manifest["params"])
+
+    @property
     def primary(self) -> str:
         return PRIMARY_METRIC[self.task]
 
