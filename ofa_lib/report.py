@@ -225,8 +225,9 @@ def same_runs_note(per_sampling: pd.DataFrame) -> str:
     parts = [f"{TASK_LABEL.get(t, t)}: r = {', '.join(str(int(r)) for r in g['r'])}"
              for t, g in flags.groupby("task", sort=False)]
     return ("**Same runs in every sampling** (" + "; ".join(parts) + "): there every sampling holds the same "
-            "set of runs (r = the number of configurations), so the samplings no longer differ and a standard "
-            "deviation of 0.0 reads as certainty but is none; the paired comparison below is one repeated value there.")
+            "set of runs (r = the number of configurations), so the samplings differ at most in the order of the runs "
+            "(which only decides ties in Max. SRC-DEV's choice): a standard deviation of 0.0 there reads as certainty but "
+            "is none, and the paired comparison below is no independent evidence there.")
 
 
 def _fmt_pair(rec) -> str:
@@ -253,15 +254,16 @@ def paired_sentence(paired: pd.DataFrame) -> str:
                        f"its {VARIANT_LABEL[rec.variant]} weights against the {VARIANT_LABEL[rec.src_variant]} "
                        "checkpoint Max. SRC-DEV picks")
             if pd.isna(rec.ci_low) or rec.ci_low <= 0 <= rec.ci_high:
-                verb = "is level with Max. SRC-DEV at"
-            else:
-                verb = "beats Max. SRC-DEV by" if rec.ci_low > 0 else "trails Max. SRC-DEV by"
+                verb = f"is level with Max. SRC-DEV at {_fmt_pair(rec)}"
+            elif rec.ci_low > 0:
+                verb = f"beats Max. SRC-DEV by {_fmt_pair(rec)}"
+            else:  # the gap as a positive number: "trails by 11.4 [10.5, 13.3]"
+                verb = f"trails Max. SRC-DEV by {-rec.mean_diff:.1f} [{-rec.ci_high:.1f}, {-rec.ci_low:.1f}]"
             ties = f", {rec.ties} tie{'s' if rec.ties != 1 else ''}" if rec.ties else ""
-            clauses.append(f"on {weights} it {verb} {_fmt_pair(rec)} points ({rec.wins} of {rec.n} samplings "
-                           f"favour it{ties})")
+            clauses.append(f"on {weights} it {verb} points ({rec.wins} of {rec.n} samplings favour it{ties})")
         same = at["same_runs"].any()
-        tail = (f" (every sampling holds the same runs at r = {r}: one repeated value, not {int(at['n'].iloc[0])} "
-                "observations)") if same else ""
+        tail = (f" (every sampling holds the same runs at r = {r}: they differ only in order, which decides ties in "
+                f"Max. SRC-DEV's choice; not {int(at['n'].iloc[0])} independent observations)") if same else ""
         out.append(f"{TASK_LABEL.get(task, task)}, r = {r}{tail}: accumulative averaging against Max. SRC-DEV over "
                    f"the same runs, paired by sampling: " + "; ".join(clauses) + ".")
     return " ".join(out)
@@ -280,6 +282,71 @@ def wide_paired(paired: pd.DataFrame) -> pd.DataFrame:
                  for v, sv in zip(paired["variant"], paired["src_variant"])])
     w = d.pivot_table(index=["task", "r"], columns="weights", values="cell", aggfunc="first", sort=False)
     return w[list(dict.fromkeys(d["weights"]))]
+
+
+# --------------------------------------------------------------------------------------
+# why CA averages can be weak: the runs' snapshots on English dev (issue 18)
+# --------------------------------------------------------------------------------------
+
+def snapshot_convergence(data: dict[str, TaskData], source_lang: str = R.SOURCE_LANG) -> pd.DataFrame:
+    """Per run (tasks whose store holds the runs' snapshot rows): English dev of each snapshot, how many leading
+    snapshots stay below half-way from the run's lowest to its best English dev (``early``), and the target
+    test scores of its LAST and CA weights (x100). Columns ``task, run_id, lr, batch_size, n_snapshots,
+    first, best, early, last, ca``."""
+    rows = []
+    for task, td in data.items():
+        tidy = td.tidy
+        snap = tidy[(tidy["kind"] == "snapshot") & (tidy["lang"] == source_lang) & (tidy["split"] != "test")]
+        if "metric" in snap and task in R.TASK_METRIC:
+            snap = snap[snap["metric"] == R.TASK_METRIC[task]]
+        if snap.empty:
+            continue
+        rt = td.cross.run_table.set_index("run_id")
+        for run_id, g in snap.groupby("run_id", sort=False):
+            if run_id not in rt.index:
+                continue
+            en = g.assign(k=g["name"].astype(int)).groupby("k")["value"].mean().sort_index()
+            lo, hi = float(en.min()), float(en.max())
+            early = 0
+            for v in en:
+                if v >= lo + 0.5 * (hi - lo) or hi == lo:
+                    break
+                early += 1
+            rows.append({"task": task, "run_id": run_id, "lr": float(rt.loc[run_id, "lr"]),
+                         "batch_size": int(rt.loc[run_id, "batch_size"]), "n_snapshots": len(en),
+                         "first": round(100 * float(en.iloc[0]), 1), "best": round(100 * hi, 1), "early": early,
+                         "last": round(100 * float(rt.loc[run_id, "test_last"]), 1),
+                         "ca": round(100 * float(rt.loc[run_id, "test_ca"]), 1)})
+    return pd.DataFrame(rows, columns=["task", "run_id", "lr", "batch_size", "n_snapshots", "first", "best",
+                                       "early", "last", "ca"])
+
+
+def ca_sentence(conv: pd.DataFrame) -> str:
+    """Per task, from :func:`snapshot_convergence`: how far CA trails (or leads) LAST in single runs, split by
+    whether a run's first snapshots were still unconverged on English dev (``early`` of at least a fifth of its
+    snapshots), so a reader sees whether CA's weakness sits in the slowly converging runs."""
+    if conv.empty:
+        return ""
+    out = []
+    for task, t in conv.groupby("task", sort=False):
+        gap = t["ca"] - t["last"]
+        slow = t["early"] >= np.ceil(0.2 * t["n_snapshots"])
+        s = (f"{TASK_LABEL.get(task, task)}: over its {len(t)} runs, a run's own CA weights score {gap.mean():+.1f} points "
+             f"against its LAST on target test (from {gap.min():+.1f} to {gap.max():+.1f}).")
+        if slow.any() and (~slow).any():
+            desc = ", ".join(f"lr {r.lr:g} batch {r.batch_size}: {r.early} of {r.n_snapshots}" for r in t[slow].itertuples())
+            s += (f" In the {int(slow.sum())} run(s) whose English dev is still less than half-way from its lowest to its "
+                  f"best value for the first snapshots ({desc}), CA scores {gap[slow].mean():+.1f} against LAST; in the "
+                  f"other {int((~slow).sum())}, {gap[~slow].mean():+.1f}.")
+            if gap[slow].mean() < gap[~slow].mean():
+                s += (" CA is the uniform mean of all snapshots, so those early, barely trained snapshots pull it back "
+                      "towards the start weights, and averaging the runs' CA weights inherits that.")
+        elif slow.all():
+            s += " Every run's first snapshots are still less than half-way to its best English dev."
+        else:
+            s += " No run spends its first snapshots far from its best English dev."
+        out.append(s)
+    return " ".join(out)
 
 
 # --------------------------------------------------------------------------------------
@@ -653,3 +720,15 @@ def main(argv: Iterable[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def diagnosis_markdown(folder: str | os.PathLike | None) -> str:
+    """The generated summary of a CA diagnosis (``python -m ofa_lib.diagnose … --out folder``: its
+    ``diagnosis.md``), with the folder shown relative to the repository; empty when ``folder`` is None."""
+    if folder is None:
+        return ""
+    md = Path(folder) / "diagnosis.md"
+    if not md.is_file():
+        raise FileNotFoundError(f"parameter diagnosis={str(folder)!r}: {md} does not exist "
+                                "(write it with `python -m ofa_lib.diagnose RUN_A RUN_B ... --out FOLDER`)")
+    return f"**Diagnosis** (`{repo_relative(Path(folder).resolve())}`): " + md.read_text(encoding="utf-8").strip()

@@ -96,7 +96,11 @@ def test_paired_sentence_and_same_runs_note():
     assert lo < 0 < hi  # one loss of 5 points against gains of 10 and 15: the interval includes 0
     assert f"on CA weights it is level with Max. SRC-DEV at +5.0 [{lo:+.1f}, {hi:+.1f}] points (2 of 4 samplings favour it, 1 tie)" in text
     only2 = rp.paired_sentence(pc[pc["r"] == 2])
-    assert only2.startswith("x, r = 2 (every sampling holds the same runs at r = 2: one repeated value, not 4 observations)")
+    assert only2.startswith("x, r = 2 (every sampling holds the same runs at r = 2: they differ only in order")
+    assert "not 4 independent observations)" in only2
+    worse = rp.paired_sentence(pc.assign(mean_diff=-pc["mean_diff"], ci_low=-pc["ci_high"], ci_high=-pc["ci_low"],
+                                         wins=pc["losses"], losses=pc["wins"])[pc["r"] == 2])
+    assert "it trails Max. SRC-DEV by 2.0 [2.0, 2.0] points (0 of 4 samplings favour it)" in worse
     assert "it beats Max. SRC-DEV by +2.0 [+2.0, +2.0] points (4 of 4 samplings favour it)" in only2
     assert "r = 2" in rp.same_runs_note(ps) and "0.0" in rp.same_runs_note(ps)
     assert rp.same_runs_note(ps[ps["r"] == 1]) == ""
@@ -118,3 +122,29 @@ def test_provenance_shows_repo_relative_paths(tmp_path):
     assert str(REPO_ROOT) not in md
     assert "'outputs/results/demo.parquet'" in md and "| outputs/results/demo.parquet |" in md
     assert "`outputs/reports/x`" in md and str(tmp_path) in md  # a path outside the repository stays as given
+
+
+def test_snapshot_convergence_and_ca_sentence():
+    from ofa_lib import report as rp
+
+    en = {"slow": [0.25, 0.25, 0.25, 0.3, 0.6, 0.7, 0.72, 0.74, 0.75, 0.75],
+          "fast": [0.5, 0.7, 0.72, 0.74, 0.75, 0.75, 0.76, 0.76, 0.76, 0.77]}
+    rows = [dict(run_id=rid, task="sib", kind="snapshot", name=str(k + 1), dataset="sib200", split="validation",
+                 lang="en", metric="acc", value=v) for rid, vals in en.items() for k, v in enumerate(vals)]
+    rows += [dict(run_id="slow", task="sib", kind="snapshot", name="1", dataset="sib200", split="validation",
+                  lang="deu_Latn", metric="acc", value=0.9)]  # a target dev row: not English, ignored
+
+    class _C:
+        run_table = pd.DataFrame({"run_id": ["slow", "fast"], "lr": [5e-5, 2e-4], "batch_size": [32, 16],
+                                  "test_last": [0.57, 0.80], "test_ca": [0.26, 0.79]})
+
+    conv = rp.snapshot_convergence({"sib": rp.TaskData("sib", pd.DataFrame(rows), _C())})
+    got = conv.set_index("run_id")
+    # slow: lowest 25, best 75, half-way 50 -> snapshots 1-4 below it; fast: lowest 50, best 77 -> 1 below 63.5
+    assert got.loc["slow", "early"] == 4 and got.loc["fast", "early"] == 1
+    assert (got.loc["slow", "first"], got.loc["slow", "best"], got.loc["slow", "ca"]) == (25.0, 75.0, 26.0)
+    text = rp.ca_sentence(conv)
+    assert "over its 2 runs, a run's own CA weights score -16.0 points against its LAST" in text
+    assert "(lr 5e-05 batch 32: 4 of 10), CA scores -31.0 against LAST; in the other 1, -1.0." in text
+    assert "pull it back towards the start weights" in text
+    assert rp.ca_sentence(conv.iloc[:0]) == ""

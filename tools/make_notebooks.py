@@ -289,7 +289,10 @@ def analysis_notebook() -> nbformat.NotebookNode:
             '# r of the per-language gain heatmap\n'
             'gain_r = 10\n'
             '# description: a paragraph shown at the top of the report (e.g. what a demo grid scaled down)\n'
-            'description = None\n', metadata={"tags": ["parameters"]}),
+            'description = None\n'
+            '# diagnosis: None, or a folder written by `python -m ofa_lib.diagnose RUN_A RUN_B ... --out FOLDER`\n'
+            '# (shown beside the score-vs-r figure; a relative path starts in notebooks/)\n'
+            'diagnosis = None\n', metadata={"tags": ["parameters"]}),
         new_markdown_cell(
             '# One For All & All For One — cross-run analysis\n'
             '\n'
@@ -312,7 +315,8 @@ def analysis_notebook() -> nbformat.NotebookNode:
             'tables = rp.compute_tables(data, sampling_seeds)\n'
             'written = rp.write_tables(tables, out_dir)\n'
             'params = dict(source=source, model=model, tasks=tasks, sampling_seeds=sampling_seeds,\n'
-            '              report_name=report_name, outputs_root=outputs_root, data_dir=data_dir, gain_r=gain_r)\n'
+            '              report_name=report_name, outputs_root=outputs_root, data_dir=data_dir, gain_r=gain_r,\n'
+            '              diagnosis=diagnosis)\n'
             'display(Markdown(rp.provenance_markdown(data, params, sampling_seeds, out_dir)))'),
         new_code_cell(
             'if description:\n'
@@ -368,6 +372,27 @@ def analysis_notebook() -> nbformat.NotebookNode:
             '(dotted) do not depend on the variant and are repeated in each column for reference.'),
         new_code_cell(
             'rp.save_figure(rp.fig_score_vs_r(tables["table1"], tables["table2"]), out_dir, "score_vs_r")'),
+        new_markdown_cell(
+            '### Why averaging CA weights can fall behind\n'
+            '\n'
+            "CA is the uniform mean of all of a run's snapshots. Where the store holds the runs' per-snapshot English\n"
+            'dev scores (our runs; not the released results), the sentence below says, from those numbers, how a\n'
+            "run's CA compares with its LAST and whether that gap sits in the runs whose first snapshots were still\n"
+            'unconverged (`snapshot_convergence.csv`). With the `diagnosis` parameter, the full diagnosis\n'
+            '(interpolation curves, distances from the start weights, the r = 1 check, CA without its earliest\n'
+            'snapshots, fp32 against the storage dtype; `python -m ofa_lib.diagnose`) is shown as well.'),
+        new_code_cell(
+            'conv = rp.snapshot_convergence(data)\n'
+            'if len(conv):\n'
+            '    rp.write_csv(conv, out_dir / "snapshot_convergence.csv")\n'
+            '    display(Markdown(rp.ca_sentence(conv)))\n'
+            'else:\n'
+            '    print("no per-snapshot rows in the results (the released results keep none)")\n'
+            'if diagnosis:\n'
+            '    from IPython.display import Image\n'
+            '    from pathlib import Path\n'
+            '    display(Markdown(rp.diagnosis_markdown(diagnosis)))\n'
+            '    display(Image(filename=str(Path(diagnosis) / "diagnosis.png")))'),
         new_markdown_cell(
             '## Spread across samplings\n'
             '\n'
