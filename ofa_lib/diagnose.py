@@ -240,12 +240,30 @@ def _score_rows(scorer: Scorer, analysis: str, subject: str, x, state: StateDict
 
 # --------------------------------------------------------------------------- the analyses
 
-def interpolation_curve(scorer: Scorer, a: Path, b: Path, ts: Sequence[float], subject: str) -> list[dict]:
-    """English dev and mean target test along θ(t) = (1 − t)·A + t·B for each t of ``ts``, plus ‖A − B‖."""
-    wa, wb = load(a), load(b)
+def stored_scores(run: runs.Run, variant: str, scorer: Scorer) -> dict[str, float]:
+    """``en_dev`` and ``trg_test`` of a run's stored variant from its ``metrics.parquet`` (no evaluation; the
+    r = 1 check shows these are what re-scoring the file gives on test). English dev of LAST and SRC-DEV was
+    measured when the snapshot was taken, before it was stored in the storage dtype."""
+    met = run.metrics
+    d = met[(met["kind"] == "variant") & (met["name"] == variant) & (met["metric"] == run.primary)]
+    d = d.set_index(["dataset", "lang", "split"])["value"]
+    return {"en_dev": float(d.get(scorer.dev_set.key, np.nan)),
+            "trg_test": float(np.mean([d.get(s.key, np.nan) for s in scorer.test_sets]))}
+
+
+def interpolation_curve(scorer: Scorer, a: tuple[runs.Run, str], b: tuple[runs.Run, str], ts: Sequence[float],
+                        subject: str) -> list[dict]:
+    """English dev and mean target test along θ(t) = (1 − t)·A + t·B for each t of ``ts`` (A, B: (run, variant)),
+    plus ‖A − B‖. Ends t = 0 and 1 not in ``ts`` come from the runs' stored scores (note ``stored``)."""
+    (ra, va), (rb, vb) = a, b
+    wa, wb = load(ra.path / "checkpoints" / f"{va}.safetensors"), load(rb.path / "checkpoints" / f"{vb}.safetensors")
     rows = [_row("interpolation", subject, "", "l2_a_b", l2_distance(wa, wb))]
+    ts = [round(float(t), 4) for t in ts]
+    for t, (run, v) in ((0.0, a), (1.0, b)):
+        if t not in ts:
+            rows += [_row("interpolation", subject, t, m, x, "stored") for m, x in stored_scores(run, v, scorer).items()]
     for t in tqdm(ts, desc=f"interpolate {subject}", leave=False):
-        rows += _score_rows(scorer, "interpolation", subject, round(float(t), 4), interpolate(wa, wb, t))
+        rows += _score_rows(scorer, "interpolation", subject, t, interpolate(wa, wb, t))
     return rows
 
 
@@ -321,16 +339,24 @@ def dtype_effect(scorer: Scorer, paths: Sequence[Path], subject: str, dtype: tor
     return rows
 
 
-def diagnose(run_dirs: Sequence[str | Path], points: int = 6, device: str | None = None,
-             drop_ks: Iterable[int] | None = None) -> pd.DataFrame:
-    """Every analysis on ``run_dirs`` (at least two finished runs of one grid): the three interpolation curves
-    of the issue (CA(A)–CA(B), LAST(A)–LAST(B), CA(A)–LAST(A), ``points`` values of t in [0, 1]), θ₀'s own
-    scores, distances, the r = 1 check, CA drop-k and the unstored snapshots per run, and the dtype effect
-    on the mean of all runs' CA and LAST weights. Returns the tidy table (:data:`COLUMNS`)."""
+ANALYSES = ("interpolation", "distance", "r1", "drop", "dtype")
+
+
+def diagnose(run_dirs: Sequence[str | Path], ts: Sequence[float] = (0.25, 0.5, 0.75), device: str | None = None,
+             drop_ks: Iterable[int] | None = None, analyses: Iterable[str] = ANALYSES) -> pd.DataFrame:
+    """The ``analyses`` on ``run_dirs`` (at least two finished runs of one grid; A and B are the first two):
+    θ₀'s own scores and the runs' snapshot rows always; ``interpolation``: CA(A)–CA(B), LAST(A)–LAST(B) and
+    CA(A)–LAST(A) at each t of ``ts`` (ends from the stored scores unless in ``ts``); ``distance``; ``r1``;
+    ``drop``: CA drop-k (``drop_ks``, default all k) and the unstored snapshots per run; ``dtype``: the mean of
+    all runs' CA and LAST weights in fp32 and in the storage dtype. Returns the tidy table (:data:`COLUMNS`)."""
+    analyses = list(analyses)
+    unknown = sorted(set(analyses) - set(ANALYSES))
+    if unknown:
+        raise ValueError(f"diagnose: unknown analyses {unknown}; expected some of {list(ANALYSES)}")
     if len(run_dirs) < 2:
         raise ValueError(f"diagnose: expected at least two run directories, got {len(run_dirs)}")
-    if points < 2:
-        raise ValueError(f"diagnose: points must be at least 2 (t = 0 and 1), got {points}")
+    if any(not 0.0 <= float(t) <= 1.0 for t in ts):
+        raise ValueError(f"diagnose: every t must be in [0, 1], got {list(ts)}")
     loaded = [runs.load_run(p) for p in run_dirs]
     for r in loaded:
         if r.manifest.get("status") != "done":
@@ -341,22 +367,24 @@ def diagnose(run_dirs: Sequence[str | Path], points: int = 6, device: str | None
         scorer.check_run(r)
     a, b = loaded[0], loaded[1]
     ida, idb = a.manifest["run_id"], b.manifest["run_id"]
-
-    def ck(run, v):
-        return run.path / "checkpoints" / f"{v}.safetensors"
-
-    ts = np.linspace(0.0, 1.0, points)
     rows = _score_rows(scorer, "start", "theta0", "", scorer.theta0, "pretrained encoder + the runs' head")
-    rows += interpolation_curve(scorer, ck(a, "ca"), ck(b, "ca"), ts, f"CA {ida} → CA {idb}")
-    rows += interpolation_curve(scorer, ck(a, "last"), ck(b, "last"), ts, f"LAST {ida} → LAST {idb}")
-    rows += interpolation_curve(scorer, ck(a, "ca"), ck(a, "last"), ts, f"CA {ida} → LAST {ida}")
+    if "interpolation" in analyses:
+        rows += interpolation_curve(scorer, (a, "ca"), (b, "ca"), ts, f"CA {ida} → CA {idb}")
+        rows += interpolation_curve(scorer, (a, "last"), (b, "last"), ts, f"LAST {ida} → LAST {idb}")
+        rows += interpolation_curve(scorer, (a, "ca"), (a, "last"), ts, f"CA {ida} → LAST {ida}")
     storage = STORED[a.config.storage_dtype]
     for r in tqdm(loaded, desc="runs", leave=False):
-        rows += snapshot_rows(r) + distances(scorer, r) + r1_check(scorer, r) + ca_drop_earliest(scorer, r, drop_ks)
-    names = ",".join(r.manifest["run_id"] for r in loaded)
-    for v in ("ca", "last"):
-        rows += dtype_effect(scorer, [ck(r, v) for r in loaded], f"{v.upper()} mean of {names}",
-                             storage if storage != torch.float32 else torch.bfloat16)
+        rows += snapshot_rows(r)
+        rows += [_row("r1_check", r.manifest["run_id"], v, "trg_test_stored", stored_scores(r, v, scorer)["trg_test"],
+                      "stored") for v in ("last", "ca") if "r1" not in analyses]
+        rows += distances(scorer, r) if "distance" in analyses else []
+        rows += r1_check(scorer, r) if "r1" in analyses else []
+        rows += ca_drop_earliest(scorer, r, drop_ks) if "drop" in analyses else []
+    if "dtype" in analyses:
+        names = ",".join(r.manifest["run_id"] for r in loaded)
+        for v in ("ca", "last"):
+            rows += dtype_effect(scorer, [r.path / "checkpoints" / f"{v}.safetensors" for r in loaded],
+                                 f"{v.upper()} mean of {names}", storage if storage != torch.float32 else torch.bfloat16)
     out = pd.DataFrame(rows, columns=COLUMNS)
     out.attrs["evaluations"], out.attrs["eval_seconds"] = scorer.evaluations, round(scorer.seconds, 1)
     return out
@@ -532,20 +560,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m ofa_lib.diagnose", description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="+", help="finished run directories of one grid (the first two are A and B)")
     ap.add_argument("--out", required=True, help="folder for diagnosis.{parquet,csv,md,png,svg}")
-    ap.add_argument("--points", type=int, default=6, help="values of t in [0, 1] per interpolation (default 6)")
+    ap.add_argument("--t", default="0.25,0.5,0.75", help="comma-separated t in [0, 1] evaluated along each "
+                    "interpolation; ends not listed come from the runs' stored scores (default 0.25,0.5,0.75)")
     ap.add_argument("--drop-k", default=None, help="comma-separated k for CA drop-k (default 0..n-1)")
+    ap.add_argument("--analyses", default=",".join(ANALYSES), help=f"comma-separated subset of {','.join(ANALYSES)}")
     ap.add_argument("--device", default=None)
     args = ap.parse_args(argv)
     for p in args.runs:
         if not (Path(p) / "manifest.json").is_file():
             ap.error(f"{p}: not a run directory (no manifest.json)")
     ks = None
-    if args.drop_k:
-        try:
-            ks = [int(k) for k in args.drop_k.split(",")]
-        except ValueError:
-            ap.error(f"--drop-k {args.drop_k!r}: expected comma-separated integers")
-    df = diagnose(args.runs, points=args.points, device=args.device, drop_ks=ks)
+    try:
+        ks = [int(k) for k in args.drop_k.split(",")] if args.drop_k else None
+        ts = [float(t) for t in args.t.split(",")] if args.t else []
+    except ValueError:
+        ap.error(f"--drop-k {args.drop_k!r} / --t {args.t!r}: expected comma-separated numbers")
+    analyses = [x for x in args.analyses.split(",") if x]
+    if set(analyses) - set(ANALYSES):
+        ap.error(f"--analyses: unknown {sorted(set(analyses) - set(ANALYSES))}; expected some of {','.join(ANALYSES)}")
+    df = diagnose(args.runs, ts=ts, device=args.device, drop_ks=ks, analyses=analyses)
     written = write_outputs(df, args.out)
     print(summary_sentences(df))
     print(f"{df.attrs['evaluations']} evaluations in {df.attrs['eval_seconds']} s; wrote {', '.join(map(str, written))}")

@@ -75,7 +75,7 @@ def test_diagnose_smoke_runs(tmp_path):
     root = tmp_path / "runs"
     paths = [training.run_training(config.make_config("sib", "smoke", lr=lr, batch_size=8, **SMALL), root, progress=False)
              for lr in (5e-5, 1e-4)]
-    df = D.diagnose(paths, points=3)
+    df = D.diagnose(paths, ts=(0.0, 0.5, 1.0))
     assert list(df.columns) == D.COLUMNS
     # r = 1: averaging one run's file scores what the run stored, exactly
     r1 = df[(df["analysis"] == "r1_check") & (df["measure"] == "max_abs_diff")]
@@ -90,6 +90,12 @@ def test_diagnose_smoke_runs(tmp_path):
     drop = df[(df["analysis"] == "ca_drop") & (df["measure"] == "trg_test")]
     assert len(drop) == 2 * 3 and drop[drop["x"] == "0"]["value"].notna().all()
     assert (df["analysis"] == "ca_unstored").any() or (df["measure"] == "max_abs_diff").sum() > 6
+    # ends not evaluated come from the stored scores; unknown analyses are refused
+    few = D.diagnose(paths, ts=(0.5,), analyses=("interpolation",))
+    ends = few[(few["analysis"] == "interpolation") & (few["measure"] == "trg_test") & (few["note"] == "stored")]
+    assert len(ends) == 6 and set(few["analysis"]) == {"start", "interpolation", "snapshot", "r1_check"}
+    with pytest.raises(ValueError, match="unknown analyses"):
+        D.diagnose(paths, analyses=("nope",))
     dist = df[(df["analysis"] == "distance") & (df["x"] == "ca")]["value"]
     assert (dist > 0).all()
     assert set(df[df["analysis"] == "dtype"]["x"]) == {"float32", "float16"}
