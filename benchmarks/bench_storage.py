@@ -57,8 +57,15 @@ def _kind(rel: str) -> str:
 
 
 def dir_bytes(path: Path) -> dict[str, int]:
-    """Bytes per file (relative path) under ``path``."""
-    return {str(p.relative_to(path)): p.stat().st_size for p in sorted(path.rglob("*")) if p.is_file()}
+    """Bytes per file (relative path) under ``path``; a further name of a hard-linked file (variants of one
+    snapshot share a file) counts 0, so that totals are what the disk keeps, as ``du`` counts."""
+    out, seen = {}, set()
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            st = p.stat()
+            out[str(p.relative_to(path))] = 0 if (st.st_dev, st.st_ino) in seen else st.st_size
+            seen.add((st.st_dev, st.st_ino))
+    return out
 
 
 def by_kind(files: dict[str, int]) -> dict[str, dict[str, int]]:

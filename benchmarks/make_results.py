@@ -26,6 +26,7 @@ SECTIONS = [
     (1, "merging", "python benchmarks/bench_merging.py"),
     (2, "accumulative", "python benchmarks/bench_accumulative.py"),
     (3, "storage", "python benchmarks/bench_storage.py"),
+    (3, "bytes", "python benchmarks/bench_bytes.py"),
     (4, "training", "python benchmarks/bench_training.py"),
     (5, "evaluation", "python benchmarks/bench_eval.py"),
     (5, "eval_cache", "python benchmarks/bench_storage.py"),

@@ -10,9 +10,9 @@ time and the bytes written and kept. The model counts the work from the grid and
 * FLOPs: 6 × encoder parameters per trained token, 2 × per evaluated token (embedding lookups are free);
 * time: FLOPs ÷ the effective FLOP/s of the device, plus a fixed cost per run and per pipeline step
   (kernel start, data and model loading, featurization, writing);
-* bytes: the kept variants in their storage dtype (CA in fp32), and what is written on the way: variant
-  files rewritten when a snapshot improves on them, the top-k snapshot files, and the resume state
-  (fp32 weights + AdamW moments + CA).
+* bytes: the kept variants in their storage dtype (CA in fp32; variants that are the same snapshot share one
+  file, so at most: every variant a different snapshot), and what is written on the way: each snapshot's
+  weights at most once, and the resume states (fp32 weights + AdamW moments + CA).
 
 Throughputs come from ``benchmarks/raw/cost_<device>.json`` (``python benchmarks/bench_cost.py`` measures
 this machine's CPU on a demo-shaped run; ``make gpu-check`` writes ``cost_cuda.json`` on a GPU). Without a
@@ -159,7 +159,7 @@ class RunCost:
     overhead_s: float
     bytes_kept: float
     bytes_written: float
-    bytes_written_before: float  # the same run with the previous resume-state policy (every snapshot)
+    bytes_written_before: float  # the same run with the previous layout (resume state at every snapshot, a file per variant)
 
     @property
     def seconds(self) -> float:
@@ -188,19 +188,34 @@ def run_work(cfg) -> dict[str, float]:
             "dev_tokens": dev, "test_tokens": test, "src_dev_tokens": tokens(cfg.dev_sets()[:1], cfg.dev_subsample)}
 
 
+def stored_snapshots(cfg) -> tuple[int, int]:
+    """(fewest, most) distinct snapshots behind a run's LAST, SRC-DEV, TRG-DEV and top-k files: variants that
+    are the same snapshot share one file (hard links, ``ofa_lib.training``), and topk_0 is always the SRC-DEV
+    snapshot (both rank by English dev, ties to the earlier one)."""
+    n = cfg.num_snapshots
+    most = min(n, cfg.top_k + 2 if cfg.top_k else 3)  # LAST, TRG-DEV and the top-k (SRC-DEV among them)
+    return max(1, min(n, cfg.top_k)), most
+
+
 def run_bytes(cfg, vocab: int | None, resume_writes_before: int, resume_writes: int) -> tuple[float, float, float]:
-    """(kept, written, written with a resume state at every snapshot) bytes of one run."""
+    """(kept, written, written by the previous layout) bytes of one run. Kept is the most the run can keep
+    (every stored variant a different snapshot; see :func:`stored_snapshots`), written the most it can write:
+    each snapshot's weights at most once (when it improves a variant; LAST is a link to the last snapshot's
+    file when there is one, written in its place otherwise), CA, and its resume states. The previous layout
+    (before issue 16) stored every variant in its own file, wrote SRC-DEV/TRG-DEV/top-k files at every snapshot
+    that improved them and a resume state at every snapshot but the last (``resume_writes_before``)."""
     p = total_params(cfg.model_name, vocab)
     store = BYTES[cfg.storage_dtype]
-    kept = 3 * p * store + p * 4 + cfg.top_k * p * store  # LAST, SRC-DEV, TRG-DEV, CA (fp32), top-k
+    kept = stored_snapshots(cfg)[1] * p * store + p * 4  # distinct snapshot files, CA (fp32)
     trainable = p - (vocab or model_shape(cfg.model_name)["vocab"]) * model_shape(cfg.model_name)["hidden"] \
         if cfg.freeze_embeddings else p
     resume = 4 * p + 8 * trainable + 4 * p  # fp32 weights, AdamW m and v, CA mean
+    written = cfg.num_snapshots * p * store + p * 4 + resume_writes * resume
+    kept_before = 3 * p * store + p * 4 + cfg.top_k * p * store  # LAST, SRC-DEV, TRG-DEV, CA, top-k: one file each
     # on the way: SRC-DEV and TRG-DEV rewritten when a snapshot beats them (about half the snapshots each),
-    # each top-k snapshot written once, plus the resume states
-    transient = (cfg.num_snapshots * p * store) + (cfg.num_snapshots if cfg.top_k else 0) * p * store
-    written = kept + transient + resume_writes * resume
-    before = kept + transient + resume_writes_before * resume
+    # each top-k snapshot written once
+    transient_before = (cfg.num_snapshots * p * store) + (cfg.num_snapshots if cfg.top_k else 0) * p * store
+    before = kept_before + transient_before + resume_writes_before * resume
     return kept, written, before
 
 
@@ -346,8 +361,8 @@ def format_estimate(est: Estimate, reference: dict[str, float] | None = None) ->
     lines = [f"estimate for grid {est.grid} on {est.device} ({'measured' if th.measured else 'ASSUMED'}: {th.source}; "
              f"training {th.train_tflops:.3g} TFLOP/s, evaluation {th.eval_tflops:.3g} TFLOP/s, "
              f"{th.run_overhead_s:.0f} s per run, {th.step_overhead_s:.0f} s per pipeline step)"]
-    lines.append(f"{'run':<18} {'role':<5} {'train':>12} {'eval':>12} {'fixed':>10} {'total':>12} {'kept':>10} "
-                 f"{'written':>10} {'(before)':>10}")
+    lines.append(f"{'run':<18} {'role':<5} {'train':>12} {'eval':>12} {'fixed':>10} {'total':>12} {'kept ≤':>10} "
+                 f"{'written ≤':>10} {'(before)':>10}")
     for r in est.runs:
         lines.append(f"{r.run_id:<18} {r.role:<5} {t(r.train_s):>12} {t(r.eval_s):>12} {t(r.overhead_s):>10} "
                      f"{t(r.seconds):>12} {b(r.bytes_kept):>10} {b(r.bytes_written):>10} {b(r.bytes_written_before):>10}")
@@ -358,7 +373,8 @@ def format_estimate(est: Estimate, reference: dict[str, float] | None = None) ->
     lines.append(f"total: {t(est.total_s)} (training runs {t(runs_s)}, of which training steps {t(est.train_s)}; "
                  f"pipeline {t(sum(est.pipeline_s.values()))}); kept {b(sum(r.bytes_kept for r in est.runs))}, "
                  f"written {b(sum(r.bytes_written for r in est.runs))} "
-                 f"(with a resume state at every snapshot: {b(sum(r.bytes_written_before for r in est.runs))})")
+                 f"(at most: variants of one snapshot share a file; the previous layout, a file per variant and a "
+                 f"resume state at every snapshot: {b(sum(r.bytes_written_before for r in est.runs))})")
     if reference:
         lines.append("the authors' figures: " + ", ".join(f"{k} {v}" for k, v in reference.items()))
     lines += [f"note: {n}" for n in est.notes]

@@ -50,7 +50,8 @@ if TYPE_CHECKING:  # pandas is imported where tables are built: `grid status` st
 GRIDS_DIR = REPO_ROOT / "params" / "grids"
 NOTEBOOKS = REPO_ROOT / "notebooks"
 TRAIN_NOTEBOOK = "02_train.ipynb"
-NOTEBOOK_ONLY = ("device", "threads")  # 02_train parameters that do not change results (not in the run id)
+NOTEBOOK_ONLY = ("device", "threads")  # 02_train parameters not in the run id (threads change only rounding:
+# CPU sums split by thread, so runs are bit for bit equal only at an equal thread count)
 DEFAULT_PIPELINE = [{"notebook": "03_average.ipynb"}, {"notebook": "04_analysis.ipynb", "html": "report.html"}]
 STATES = ("todo", "queued", "running", "done", "failed", "cancelled", "skipped")
 TOP_KEYS = {"name", "description", "task", "preset", "grid", "train", "head_tuning", "data_prep", "pipeline", "resources"}

@@ -604,12 +604,39 @@ def _train(cfg: TrainConfig, out: Path, manifest: dict[str, Any], device_name: s
         if resumed is not None and state.get("precision", precision) != precision:  # auto on other hardware
             print(f"note: steps 1..{state['step']} ran in {state['precision']}, the rest runs in {precision}")
             manifest.setdefault("precision_history", []).append({"until_step": state["step"], "precision": state["precision"]})
+        threads = torch.get_num_threads()
+        if resumed is not None and device.type == "cpu" and state.get("threads", threads) != threads:
+            # CPU kernels split their sums by thread: the same steps round differently (a requeued SLURM task on
+            # another cpus_per_task), so the run is no longer bit for bit the uninterrupted one
+            print(f"note: steps 1..{state['step']} ran on {state['threads']} CPU thread(s), the rest runs on {threads}: "
+                  "results are exact only at an equal thread count")
+            manifest.setdefault("threads_history", []).append({"until_step": state["step"], "threads": state["threads"]})
     state["precision"] = precision
+    state["threads"] = torch.get_num_threads()
 
-    def save_variant(name: str, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
-        averaging.save_checkpoint(tensors, ckpt_dir / f"{name}.safetensors", dtype=dtype, metadata=dict(meta, ofa_variant=name))
-        # the file's content hash, recorded as it is written: readers verify it (ofa_lib.crossrun.find_runs)
-        state.setdefault("sha256", {})[f"checkpoints/{name}.safetensors"] = ckpt_io.file_sha256(ckpt_dir / f"{name}.safetensors")
+    stored_from: dict[str, int] = {}  # variant file → the snapshot whose weights this process stored in it
+
+    def save_variant(name: str, tensors: dict[str, torch.Tensor], dtype: torch.dtype, snapshot: int | None = None) -> None:
+        """Store a variant; one that is the same snapshot as a file already stored (LAST = SRC-DEV = TRG-DEV =
+        topk_0 is common) becomes a hard link to it (a copy where links are impossible): its bytes once."""
+        hashes = state.setdefault("sha256", {})
+        path = ckpt_dir / f"{name}.safetensors"
+        # only files this process wrote from that snapshot: a resumed state may predate the files on disk
+        same = next((other for other, k in stored_from.items() if snapshot is not None and k == snapshot and other != name
+                     and (ckpt_dir / f"{other}.safetensors").is_file() and f"checkpoints/{other}.safetensors" in hashes), None)
+        if same is not None:
+            io.link(ckpt_dir / f"{same}.safetensors", path)
+            hashes[f"checkpoints/{name}.safetensors"] = hashes[f"checkpoints/{same}.safetensors"]
+        else:
+            # a snapshot's files carry its number, not a variant name, so that its variants can share the bytes
+            tag = {"ofa_snapshot": str(snapshot)} if snapshot is not None else {"ofa_variant": name}
+            averaging.save_checkpoint(tensors, path, dtype=dtype, metadata=dict(meta, **tag))
+            # the file's content hash, recorded as it is written: readers verify it (ofa_lib.crossrun.find_runs)
+            hashes[f"checkpoints/{name}.safetensors"] = ckpt_io.file_sha256(path)
+        if snapshot is None:
+            stored_from.pop(name, None)
+        else:
+            stored_from[name] = snapshot
 
     def evaluate_all(sets: list[evaluation.EvalSet], what: str) -> dict[tuple[str, str, str], dict[str, float]]:
         sets = list({s.key: s for s in sets}.values())  # QA: a target's dev split is its test split: score it once
@@ -736,7 +763,8 @@ def _train(cfg: TrainConfig, out: Path, manifest: dict[str, Any], device_name: s
             unfreezer.finish(step, state, step / steps_per_epoch, out, cfg.run_id, manifest)
         # LAST and CA (and the head); then the commit point: final.json says training is complete
         state_now = model.state_dict()
-        save_variant("last", state_now, storage)
+        # LAST is the last snapshot's weights when that snapshot ends the training (a file of it may exist)
+        save_variant("last", state_now, storage, snapshot=len(snaps) if snaps[-1] == step else None)
         save_variant("ca", ca.mean, torch.float32)
         if frozen_head is not None:
             assert all(torch.equal(state_now[k], v) for k, v in frozen_head.items()), "frozen head changed"
@@ -814,10 +842,10 @@ def _take_snapshot(cfg, model, state, step, epoch, snaps, ca, evaluate_all, prep
     ca.update(weights)
     if state["best_src"] is None or src > state["best_src"][0]:  # strict: ties keep the earlier snapshot
         state["best_src"] = [src, k]
-        save_variant("src_dev", weights, storage)
+        save_variant("src_dev", weights, storage, snapshot=k)
     if state["best_trg"] is None or trg > state["best_trg"][0]:
         state["best_trg"] = [trg, k]
-        save_variant("trg_dev", weights, storage)
+        save_variant("trg_dev", weights, storage, snapshot=k)
     for lang, value in per_lang.items():
         if lang not in state["best_lang"] or value > state["best_lang"][lang][0]:
             state["best_lang"][lang] = [value, k]
@@ -825,7 +853,7 @@ def _take_snapshot(cfg, model, state, step, epoch, snaps, ca, evaluate_all, prep
         ranked = sorted(state["topk"] + [[src, k]], key=lambda t: (-t[0], t[1]))[: cfg.top_k]
         kept = {s for _, s in ranked}
         if k in kept:
-            save_variant(f"snap_{k}", weights, storage)
+            save_variant(f"snap_{k}", weights, storage, snapshot=k)
         for _, s in state["topk"]:
             if s not in kept:
                 io.remove(ckpt_dir / f"snap_{s}.safetensors")

@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ofa_lib import averaging, config, training
+from ofa_lib import averaging, config, io, training
 from ofa_lib.config import ConfigError
 
 
@@ -220,10 +220,14 @@ def test_interrupted_run_resumes_to_identical_metrics(finished, tmp_path):
 
 
 # ----------------------------------------------------------------------------- heads
-def test_sigusr1_writes_one_resume_file_between_snapshots_and_the_rerun_resumes_exactly(finished, tmp_path, monkeypatch):
-    """SLURM's notice (SIGUSR1) during step 3 (between snapshots): the run stops after that step with its resume
-    state in one file, marked interrupted, not failed; the re-run resumes at step 3 and ends bit for bit as the
-    uninterrupted run."""
+@pytest.mark.parametrize("sig, at_step", [(signal.SIGUSR1, 3), (signal.SIGTERM, 5)])
+def test_a_signal_writes_one_resume_file_between_snapshots_and_the_rerun_resumes_exactly(finished, tmp_path, monkeypatch,
+                                                                                          sig, at_step):
+    """SLURM's notice (SIGUSR1) or a preemption / ``scontrol requeue`` (SIGTERM) during a step between snapshots
+    (the run has 6 steps, snapshots after 2, 4, 6): the run stops after that step with its resume state in one
+    file, marked interrupted, not failed; the re-run resumes there and ends bit for bit as the uninterrupted
+    run: every metric and every tensor of every checkpoint (file bytes are not compared: safetensors writes its
+    metadata in a per-process order). Both runs use this process's thread count (exact only at equal counts)."""
     from ofa_lib import optim
 
     cfg, out, _ = finished
@@ -231,12 +235,13 @@ def test_sigusr1_writes_one_resume_file_between_snapshots_and_the_rerun_resumes_
 
     def signalling(*args, **kwargs):
         calls.append(1)
-        if len(calls) == 3:
-            os.kill(os.getpid(), signal.SIGUSR1)
+        if len(calls) == at_step:
+            os.kill(os.getpid(), sig)
         return real(*args, **kwargs)
 
     monkeypatch.setattr(training.optim, "train_step", signalling)
-    with pytest.raises(training.RunInterrupted, match="after step 3 of 6 by SIGUSR1; resume state written"):
+    name = signal.Signals(sig).name
+    with pytest.raises(training.RunInterrupted, match=f"after step {at_step} of 6 by {name}; resume state written"):
         training.run_training(cfg, tmp_path, progress=False)
     monkeypatch.undo()
     partial = tmp_path / cfg.run_id
@@ -244,9 +249,17 @@ def test_sigusr1_writes_one_resume_file_between_snapshots_and_the_rerun_resumes_
     assert manifest["status"] == "interrupted" and manifest["resume_writes"] == 2  # snapshot 1, then the signal
     assert sorted(p.name for p in (partial / "resume").iterdir()) == ["state.safetensors"]
     meta = json.loads(averaging.read_metadata(partial / "resume" / "state.safetensors")["ofa_resume"])
-    assert meta["state"]["step"] == 3
+    assert meta["state"]["step"] == at_step and meta["state"]["threads"] == torch.get_num_threads()
     training.run_training(cfg, tmp_path, progress=False)
     pd.testing.assert_frame_equal(values(partial), values(out))
+    done = json.loads((partial / "manifest.json").read_text())
+    assert done["variants"] == json.loads((out / "manifest.json").read_text())["variants"]
+    for variant in done["variants"]:
+        a = averaging.load_checkpoint(partial / "checkpoints" / f"{variant}.safetensors")
+        b = averaging.load_checkpoint(out / "checkpoints" / f"{variant}.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), variant
+    assert pd.read_parquet(partial / "train_log.parquet")[["step", "loss", "grad_norm", "lr"]].equals(
+        pd.read_parquet(out / "train_log.parquet")[["step", "loss", "grad_norm", "lr"]])
 
 
 def test_head_training_then_frozen_aligned_heads(tmp_path):
@@ -487,7 +500,53 @@ def test_the_cost_model_counts_the_bytes_a_run_keeps(finished):
 
     cfg, out, _ = finished
     manifest = json.loads((out / "manifest.json").read_text())
-    kept, written, before = cost.run_bytes(cfg, manifest["vocab_size"], cfg.num_snapshots - 1, 0)
-    actual = sum(p.stat().st_size for p in (out / "checkpoints").glob("*.safetensors"))
-    assert abs(kept - actual) / actual < 0.05, (kept, actual)
+    kept, written, before = cost.run_bytes(cfg, manifest["vocab_size"], cfg.num_snapshots - 1, 1)
+    actual = io.unique_bytes(list((out / "checkpoints").glob("*.safetensors")))  # a hard link counts once
+    # top_k = num_snapshots = 3: every snapshot is kept, so the cost model's most is what the run keeps
+    assert cost.stored_snapshots(cfg) == (3, 3) and abs(kept - actual) / actual < 0.05, (kept, actual)
     assert before > written > kept  # resume states add to what is written, not to what is kept
+
+
+def test_variants_of_one_snapshot_are_one_file(finished):
+    """LAST, SRC-DEV, TRG-DEV and the top-k that are the same snapshot share one file (hard links): the bytes
+    are kept once, every name reads as a checkpoint and its manifest hash is its content's."""
+    from ofa_lib import crossrun
+
+    cfg, out, root = finished
+    manifest = json.loads((out / "manifest.json").read_text())
+    files = {f"checkpoints/{v}.safetensors": out / "checkpoints" / f"{v}.safetensors" for v in manifest["variants"]}
+    snapshot = {"last": cfg.num_snapshots, "src_dev": manifest["src_dev_snapshot"], "trg_dev": manifest["trg_dev_snapshot"]}
+    snapshot |= {f"topk_{i}": s for i, s in enumerate(manifest["topk_snapshots"])}
+    inodes: dict[int, set[int]] = {}
+    for name, s in snapshot.items():
+        inodes.setdefault(s, set()).add((out / "checkpoints" / f"{name}.safetensors").stat().st_ino)
+    assert all(len(v) == 1 for v in inodes.values()), inodes  # one file per snapshot
+    assert snapshot["topk_0"] == snapshot["src_dev"]  # always shared: both rank by English dev
+    kept = io.unique_bytes(list(files.values()))
+    assert kept < sum(p.stat().st_size for p in files.values())
+    for rel, path in files.items():
+        assert manifest["checkpoint_sha256"][rel] == io.file_sha256(path), rel
+    assert cfg.run_id in set(crossrun.find_runs(root, check=False).run_id)  # it verifies every hash first
+
+
+def test_io_link_shares_a_file_and_copies_where_links_are_impossible(tmp_path, monkeypatch):
+    """ofa_lib.io.link: a hard link replaced onto the target (one inode, counted once); where the file system
+    refuses links (EXDEV across file systems, EPERM) an atomic copy, same bytes; no temp file either way."""
+    import errno
+
+    src, dst = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    src.write_bytes(b"x" * 1000)
+    dst.write_bytes(b"old")
+    assert io.link(src, dst) and dst.stat().st_ino == src.stat().st_ino
+    assert io.unique_bytes([src, dst]) == 1000
+    assert io.link(src, dst)  # already the same file: stays so
+
+    def refuse(a, b):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(io.os, "link", refuse)
+    other = tmp_path / "c.safetensors"
+    assert not io.link(src, other)
+    assert other.read_bytes() == src.read_bytes() and other.stat().st_ino != src.stat().st_ino
+    assert io.unique_bytes([src, dst, other]) == 2000
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "b.safetensors", "c.safetensors"]
