@@ -439,13 +439,13 @@ def run_findings(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def verdict(df: pd.DataFrame, r1_tol: float = 1e-6, dtype_tol: float = 0.005) -> str:
-    """``defect`` (averaging one run does not reproduce it, or the averaging dtype moves scores by more than
-    ``dtype_tol``), ``unconverged`` (dropping the earliest snapshots recovers at least half of CA's gap to LAST,
-    averaged over the runs where CA trails LAST), ``ca_not_weaker`` (CA does not trail LAST) or ``open``."""
+def verdict(df: pd.DataFrame, r1_tol: float = 1e-6) -> str:
+    """``defect`` (averaging one run does not reproduce its stored scores), ``unconverged`` (dropping the earliest
+    snapshots recovers at least half of CA's gap to LAST, averaged over the runs where CA trails LAST),
+    ``ca_not_weaker`` (CA does not trail LAST) or ``open``. The dtype comparison is reported, not judged here:
+    the project averages with fp32 accumulation, so a storage-dtype mean is what it would cost to do otherwise."""
     r1 = _get(df, "r1_check", "max_abs_diff")["value"]
-    dt = _get(df, "dtype", "trg_test").pivot_table(index="subject", columns="x", values="value")
-    if (len(r1) and float(r1.max()) > r1_tol) or (dt.shape[1] == 2 and float((dt.iloc[:, 0] - dt.iloc[:, 1]).abs().max()) > dtype_tol):
+    if len(r1) and float(r1.max()) > r1_tol:
         return "defect"
     f = run_findings(df)
     gap = f[f["last_trg_test"] > f["ca_trg_test"]]
@@ -495,7 +495,7 @@ def summary_sentences(df: pd.DataFrame) -> str:
                    f"({shape}).")
     v = verdict(df)
     out.append({
-        "defect": "Verdict: a defect in averaging (see the r = 1 and dtype checks above).",
+        "defect": "Verdict: a defect in averaging (the r = 1 check above).",
         "unconverged": "Verdict: no defect. CA is weak because it averages the runs' early snapshots, taken before "
                        "English dev moved from θ₀'s; without them CA recovers at least half of its gap to LAST.",
         "ca_not_weaker": "Verdict: no defect, and CA does not trail LAST in these runs.",

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 
+import pandas as pd
+
 import pytest
 import torch
 
@@ -62,3 +64,19 @@ def test_mean_in_dtype_rounds_like_the_dtype():
     assert fp32.dtype == fp16.dtype == torch.float32
     assert float((fp32 - 1.00015).abs().max()) < 1e-6
     assert float((fp16 - fp32).abs().max()) > 1e-5  # fp16 cannot hold 1 + 1.5e-4 (its step near 1 is ~1e-3)
+
+
+def test_verdict_from_numbers():
+    def frame(last_ca_drop, r1=0.0):
+        rows = [D._row("start", "theta0", "", "en_dev", 0.25), D._row("r1_check", "a", "ca", "max_abs_diff", r1)]
+        rows += [D._row("snapshot", "a", k, "en_dev", 0.25 if k < 3 else 0.7) for k in range(1, 6)]
+        last, ca, drop = last_ca_drop
+        rows += [D._row("r1_check", "a", "last", "trg_test_stored", last), D._row("r1_check", "a", "ca", "trg_test_stored", ca),
+                 D._row("ca_drop", "a", 0, "trg_test", ca), D._row("ca_drop", "a", 2, "trg_test", drop)]
+        return pd.DataFrame(rows, columns=D.COLUMNS)
+
+    assert D.verdict(frame((0.57, 0.26, 0.55))) == "unconverged"  # 29 of the 31 points back without snapshots 1-2
+    assert D.verdict(frame((0.57, 0.26, 0.30))) == "open"
+    assert D.verdict(frame((0.57, 0.60, 0.60))) == "ca_not_weaker"
+    assert D.verdict(frame((0.57, 0.26, 0.55), r1=0.01)) == "defect"
+    assert D.run_findings(frame((0.57, 0.26, 0.55)))["early"].iloc[0] == 2
