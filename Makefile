@@ -12,7 +12,7 @@ SHELL := /bin/bash
 # pip.conf on these machines names index folders that may not exist: hide that noise only
 QUIET := 2>&1 | { grep -v 'is ignored' || true; }
 
-.PHONY: gpu-check install lint test demo demo-sam demo-unfreezing study-ner reproduce-paper bench clean-outputs
+.PHONY: gpu-check install lint notebooks test demo demo-sam demo-unfreezing study-ner reproduce-paper bench clean-outputs
 
 install: $(STAMP)
 
@@ -27,9 +27,14 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $(STAMP)
 
-# ruff over the package, tests, benchmarks, tools and notebooks (rules in pyproject.toml)
+# after editing a notebook's source (notebooks/NN_*.py) outside JupyterLab: rewrite its .ipynb half (and the
+# other way round: jupytext updates whichever half is older); tests/test_notebook_pairs.py checks they agree
+notebooks: install
+	$(BIN)/jupytext --sync notebooks/[0-9][0-9]_*.py
+
+# ruff over the package, tests, benchmarks and the notebooks' sources (rules in pyproject.toml)
 lint: install
-	$(BIN)/ruff check ofa_lib tests benchmarks tools notebooks
+	$(BIN)/ruff check ofa_lib tests benchmarks notebooks
 
 test: lint
 	$(OFFLINE) $(BIN)/python -m pytest -q --durations=15 tests
