@@ -629,22 +629,6 @@ def clean_temp_notebooks(out: Path) -> list[Path]:
     return litter
 
 
-def _kernel_manager_class() -> type:
-    """The kernels' transport: local sockets (IPC, files only this user can open) on POSIX, so kernels are not
-    reachable over TCP and do not warn that they are; TCP where there are no such sockets (Windows)."""
-    from jupyter_client.manager import AsyncKernelManager
-
-    if os.name == "nt":
-        return AsyncKernelManager
-
-    class IPCKernelManager(AsyncKernelManager):
-        def __init__(self, **kwargs: Any) -> None:
-            super().__init__(**kwargs)
-            self.transport = "ipc"
-
-    return IPCKernelManager
-
-
 def execute_notebook(notebook: str | Path, out: Path, parameters: dict[str, Any], *, cwd: Path = NOTEBOOKS,
                      stall_timeout: float | None = None, run_timeout: float | None = None) -> Path:
     """Run a notebook with papermill into ``out``: written to a temp name, renamed when it succeeded.
@@ -660,7 +644,7 @@ def execute_notebook(notebook: str | Path, out: Path, parameters: dict[str, Any]
     with watchdog:
         try:
             papermill.execute_notebook(str(NOTEBOOKS / notebook), str(tmp), parameters=parameters, kernel_name="python3",
-                                       cwd=str(cwd), progress_bar=False, kernel_manager_class=_kernel_manager_class())
+                                       cwd=str(cwd), progress_bar=False)
         except BaseException as exc:
             if tmp.exists():
                 os.replace(tmp, out.with_name(f"{out.stem}.failed.ipynb"))
