@@ -270,8 +270,8 @@ def averaging_evaluations(grid) -> int:
     for seed in range(int(params.get("n_samplings", 10))):
         order = selection.sample_runs(table, r_max=r_max, seed=seed)
         for r in range(1, r_max + 1):
-            for spec in specs:  # the uniform mean on every variant, other methods on method_variants
-                for v in variants if spec.method == "uniform" or method_variants is None else method_variants:
+            for spec in specs:
+                for v in merging.merged_variants(spec, variants, method_variants):
                     sets.add(spec.key(v, order[:r]))
             if soup_k and top_k and r * top_k >= soup_k:
                 sets.add(("soup", frozenset(order[:r])))

@@ -401,8 +401,7 @@ def plan_pass(
     for s in samplings:
         order = orders[s]
         for spec in specs:
-            # the uniform mean on every variant; other methods on method_variants (a cost knob)
-            for v in variants if spec.method == "uniform" or method_variants is None else method_variants:
+            for v in merging.merged_variants(spec, variants, method_variants):
                 for r in range(1, r_eff + 1):
                     items.append(_Item("average", v, s, r, order[:r], average_key(v, order[:r], spec),
                                        [paths[i] / "checkpoints" / f"{v}.safetensors" for i in order[:r]], spec))

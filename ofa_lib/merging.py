@@ -178,6 +178,12 @@ def make_spec(name: str, options: Mapping[str, Any] | None = None, *, where: str
     return MergeSpec(canonical, tuple(sorted(filled.items())))
 
 
+def merged_variants(spec: MergeSpec, variants: Sequence[str], method_variants: Sequence[str] | None) -> Sequence[str]:
+    """The variants 03_average merges with ``spec``: the uniform mean every one, other methods
+    ``method_variants`` (a cost knob; None: every one too)."""
+    return variants if spec.method == "uniform" or method_variants is None else method_variants
+
+
 def parse_methods(spec: Sequence[str] | Mapping[str, Mapping[str, Any] | None] | str | None) -> list[MergeSpec]:
     """The ``methods`` parameter of ``03_average``: a list of names (default options), a mapping
     name → options (``{ties: {density: 0.2}}``), or None for :data:`DEFAULT_METHODS`."""

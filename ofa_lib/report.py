@@ -26,7 +26,7 @@ from .paths import outputs_dir, repo_relative
 from . import tasks as tasks_lib
 
 # what reports call each task, by its study name and by its name in the released results (ofa_lib.tasks)
-TASK_LABEL = {name: task.label for task in tasks_lib.TASKS.values() for name in (task.name, task.released) if name}
+TASK_LABEL = {name: task.label for name, task in tasks_lib.BY_ANY_NAME.items()}
 VARIANT_LABEL = {"last": "LAST", "src_dev": "SRC-DEV", "ca": "CA", "trg_dev": "TRG-DEV"}
 SELECTION_LABEL = {"max_src_dev": "Max. SRC-DEV", "acc_avg": "Acc. averaging"}
 METHOD_LABEL = {"max_src_dev": "Max. SRC-DEV", "max_trg_dev": "Max. TRG-DEV",

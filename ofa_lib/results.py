@@ -103,7 +103,7 @@ ALL = "*"  # dataset/lang of a row that is already a flat mean over all target l
 SOURCE_LANG = "en"
 # the stored name of each task's primary metric ("acc" for accuracy), by study and released-results name
 TASK_METRIC = {name: {"accuracy": "acc"}.get(task.primary_metric, task.primary_metric)
-               for task in tasks_lib.TASKS.values() for name in (task.name, task.released) if name}
+               for name, task in tasks_lib.BY_ANY_NAME.items()}
 
 _STR_COLS = [c for c, t in SCHEMA.items() if t == "str"]
 _OPTIONAL_DEFAULTS = {

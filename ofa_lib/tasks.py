@@ -61,6 +61,8 @@ TASKS: dict[str, Task] = {t.name: t for t in (
          "Tweet sentiment", text_columns=("text",)),
 )}
 NAMES: tuple[str, ...] = tuple(TASKS)
+# every task by its study name and by its name in the released results ("tydiqa" is "qa")
+BY_ANY_NAME: dict[str, Task] = {name: t for t in TASKS.values() for name in (t.name, t.released) if name}
 
 
 def get(name: str) -> Task:
@@ -70,10 +72,3 @@ def get(name: str) -> Task:
     except (KeyError, TypeError):
         raise ValueError(f"task={name!r} is unknown; expected one of {', '.join(NAMES)}") from None
 
-
-def label(name: str) -> str:
-    """What reports call task ``name`` (a study name or a released-results name); ``name`` if unknown."""
-    for task in TASKS.values():
-        if name in (task.name, task.released):
-            return task.label
-    return name
