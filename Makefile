@@ -59,7 +59,7 @@ reproduce-paper: install
 	$(OFFLINE) $(BIN)/papermill --no-progress-bar notebooks/04_analysis.ipynb \
 		outputs/reports/paper/.04_analysis.tmp.ipynb -f params/reproduce_paper.yaml --cwd notebooks
 	mv outputs/reports/paper/.04_analysis.tmp.ipynb outputs/reports/paper/04_analysis.ipynb
-	$(BIN)/python -m ofa_lib.report render outputs/reports/paper/04_analysis.ipynb
+	$(BIN)/python -m ofa_lib.analysis.report render outputs/reports/paper/04_analysis.ipynb
 
 # ~15 min on a quiet 2-core machine; each script writes benchmarks/raw/<name>.json (stale CPU results are
 # removed first; GPU JSONs from `--device cuda` runs are kept), then make_results.py writes RESULTS.md.

@@ -3,15 +3,15 @@
 Accumulative averaging scores θ̄_r, the mean of the first r runs of a sampling, for r = 1…R
 (R = 10 in the paper). Two ways to get every θ̄_r of one sampling and variant:
 
-  running   this project: ``ofa_lib.averaging.running_average`` over the sampling's order (what
-            ``ofa_lib.crossrun.average_runs`` does): each checkpoint read once, θ̄_r updated in
+  running   this project: ``ofa_lib.merge.averaging.running_average`` over the sampling's order (what
+            ``ofa_lib.merge.crossrun.average_runs`` does): each checkpoint read once, θ̄_r updated in
             place, R reads per sampling and variant
   scratch   re-average from scratch at each r (the original study's code): ``average_checkpoints``
             of the first r files for r = 1…R, 1 + 2 + … + R reads (55 for R = 10)
 
 Both yield fp32 state dicts as ``average_runs`` asks (``dtype=torch.float32``); nothing is
 evaluated (the evaluations are the same for both). Reads are counted, not assumed: the
-benchmark wraps ``safe_open`` and the ``pread`` reader inside ``ofa_lib.averaging`` and counts the tensor bytes each way
+benchmark wraps ``safe_open`` and the ``pread`` reader inside ``ofa_lib.merge.averaging`` and counts the tensor bytes each way
 actually reads; "checkpoint reads" = bytes read ÷ bytes of one checkpoint's tensors. Synthetic
 checkpoints have the tensor shapes of multilingual-e5-small (117.5M parameters, as
 bench_averaging.py; ``--size-mb`` for a generic model of another size). Each (method,
@@ -48,7 +48,8 @@ def _child(method: str, samplings: int, paths: list[str]) -> None:
     import torch
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    from ofa_lib import averaging, ckpt_io
+    from ofa_lib.merge import averaging
+    from ofa_lib.models import ckpt_io
 
     counts = {"bytes": 0, "get_tensor": 0}
     real_open = ckpt_io.safe_open
@@ -179,10 +180,10 @@ def main(argv: list[str] | None = None) -> None:
             f"R = {r_max} runs per sampling, S = {s} samplings (orders: numpy seed = sampling index), one variant; "
             f"{model}, {info['params'] / 1e6:.1f}M parameters stored {args.dtype} ({file_mib:.0f} MiB per "
             f"checkpoint); {args.reps} repetitions, each method in a fresh process with {args.threads} torch "
-            "thread(s); median (min–max). Reads are counted by wrapping `safe_open` and the `pread` reader inside `ofa_lib.averaging` "
+            "thread(s); median (min–max). Reads are counted by wrapping `safe_open` and the `pread` reader inside `ofa_lib.merge.averaging` "
             "(tensor bytes read ÷ one checkpoint's tensor bytes), so they are measured, not assumed. Files come from "
             "the page cache; evaluation of each θ̄_r (identical for both) is not included.\n\n"
-            "**running** = `ofa_lib.averaging.running_average` (what `crossrun.average_runs` does: each checkpoint "
+            "**running** = `ofa_lib.merge.averaging.running_average` (what `crossrun.average_runs` does: each checkpoint "
             "read once per sampling and variant); **scratch** = `average_checkpoints` of the first r files at each "
             f"r (the original code's protocol; 1 + 2 + … + {r_max} = {r_max * (r_max + 1) // 2} reads per sampling "
             "and variant), using this project's streaming averager so that only the protocol differs.\n\n"

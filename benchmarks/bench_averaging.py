@@ -6,7 +6,7 @@ shapes of multilingual-e5-small (word embeddings 250037x384, 12 BERT layers, hid
 model of another size), then
 for each N measures, each repetition in a fresh subprocess:
 
-  stream     ofa_lib.averaging.average_checkpoints (key by key, fp32 accumulation, pread)
+  stream     ofa_lib.merge.averaging.average_checkpoints (key by key, fp32 accumulation, pread)
   load-all   load all N state dicts (safetensors.torch.load_file), then a fp32 running sum
   stack      load all N, then torch.stack([...]).float().mean(0) per tensor
   read       only read the N files (every tensor of every file, pread)
@@ -91,7 +91,7 @@ def _generic_shapes(size_mb: float, bytes_per_el: int) -> dict[str, tuple[int, .
 def _child_make(workdir: Path, n: int, size_mb: float | None, dtype_name: str) -> None:
     import torch
 
-    from ofa_lib.averaging import save_checkpoint
+    from ofa_lib.merge.averaging import save_checkpoint
 
     dtype = getattr(torch, dtype_name)
     el = torch.empty(0, dtype=dtype).element_size()
@@ -128,7 +128,7 @@ def _child_run(method: str, paths: list[str]) -> None:
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from ofa_lib import averaging
+    from ofa_lib.merge import averaging
 
     base_kib = _status_kib("VmRSS")
     t0 = time.perf_counter()
@@ -189,7 +189,7 @@ def _target_rows(rows: list[dict], file_mib: float, info: dict) -> tuple[list[di
     why_rss = (
         f"the averager holds the output model ({file_mib:.0f} MiB, storage dtype) plus one fp32 accumulator sized "
         f"for the largest tensor ({acc_mib:.0f} MiB for `{info['largest']}` {info['largest_shape']}): "
-        f"{file_mib + acc_mib:.0f} MiB expected, as measured. Fix (in `ofa_lib.averaging.average_checkpoints`): "
+        f"{file_mib + acc_mib:.0f} MiB expected, as measured. Fix (in `ofa_lib.merge.averaging.average_checkpoints`): "
         "accumulate large tensors in row blocks (`get_slice` reads only those rows) into a small fp32 buffer and "
         "write each finished block into the preallocated output: peak ≈ output + one block ≈ 1.1× a checkpoint.")
     why_wall = (
@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> None:
             "so this measures memory traffic and compute, not disk. Peak RSS is the child's `ru_maxrss`; "
             "\"over import baseline\" subtracts the child's RSS after importing torch and safetensors "
             "(the averager's own memory).\n\n"
-            "Methods: **stream** = `ofa_lib.averaging.average_checkpoints` (key by key across all files, fp32 "
+            "Methods: **stream** = `ofa_lib.merge.averaging.average_checkpoints` (key by key across all files, fp32 "
             "accumulation in 16 MiB blocks of rows, `pread`); **load-all** = load all N state dicts, then a fp32 running sum (what the original study's "
             "earlier code did); **stack** = load all N, `torch.stack(...).float().mean(0)` per tensor (what general "
             "merge tools do); **read** = only read every tensor of the N files (the floor).\n\n" + table)

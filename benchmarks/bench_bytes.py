@@ -1,7 +1,7 @@
 """Benchmark: bytes written and kept per run, computed for XLM-R large and measured on the demo.
 
 XLM-R large (the paper grids ``params/grids/paper_{nli,ner,tydiqa}.yaml``): per run, from the cost model
-(``ofa_lib.cost.estimate``: what a run keeps and writes now, at most, and what the layout before issue 16
+(``ofa_lib.grid.cost.estimate``: what a run keeps and writes now, at most, and what the layout before issue 16
 wrote: a file per variant and a resume state at every snapshot).
 
 The demo (``outputs/runs/demo``, after ``make demo``): every finished run folder measured read-only, bytes
@@ -33,12 +33,13 @@ def paper_rows() -> tuple[list[tuple], dict]:
     """Cost-model bytes of one grid run (median over the grid's runs) of each grid of :data:`GRIDS`. Where the
     grid's data is not here (the paper grids need the full MultiNLI / WikiANN / TyDiQA), the training time that
     sets the number of resume states comes from the authors' V100-hours instead of the token count."""
-    from ofa_lib import cost, data
-    from ofa_lib import grid as G
+    from ofa_lib import data
+    from ofa_lib.grid import cost
+    from ofa_lib.grid import spec as grid_spec
 
     rows, data_out = [], {}
     for name in GRIDS:
-        grid = G.load_grid(name)
+        grid = grid_spec.load_grid(name)
         cfg = grid.runs[-1].cfg
         try:
             est = cost.estimate(grid)
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     text = (
         "Per run of each paper grid (XLM-R large) and of the demo grid (the embedded model, trimmed vocabulary; "
         "median over the grid's runs; computed by the cost model "
-        "`ofa_lib.cost`, the same numbers `python -m ofa_lib.grid plan GRID --estimate` prints). Kept: LAST, "
+        "`ofa_lib.grid.cost`, the same numbers `python -m ofa_lib.grid plan GRID --estimate` prints). Kept: LAST, "
         "SRC-DEV, TRG-DEV and the top-k in the storage dtype, a variant that is the same snapshot as another "
         "stored once (at most: every one a different snapshot), CA in fp32. Written: every snapshot's weights at "
         "most once, CA, and the resume states (fp32 weights, AdamW moments, CA) at the first snapshot and every "

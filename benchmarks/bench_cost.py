@@ -1,4 +1,4 @@
-"""Throughput of this machine for the cost model (``ofa_lib.cost``, ``grid plan GRID --estimate``).
+"""Throughput of this machine for the cost model (``ofa_lib.grid.cost``, ``grid plan GRID --estimate``).
 
 Trains the demo grid's head-tuning run (SIB-200, ``cpu`` preset, embedded model) in this process and
 derives from its manifest and the tokens the cost model counts for it:
@@ -44,16 +44,19 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from ofa_lib import cost, grid as G, training
+    from ofa_lib.grid import cost
+    from ofa_lib.grid import execute as grid_execute
+    from ofa_lib.grid import spec as grid_spec
+    from ofa_lib.train import training
 
-    grid = G.load_grid("demo")
+    grid = grid_spec.load_grid("demo")
     head = grid.runs[0]
     if args.steps:  # a shorter run of the same shapes (model, data, batch, lengths): throughput carries over
         from dataclasses import replace
 
-        from ofa_lib import config
+        from ofa_lib.train import config
 
-        params = {**head.params, **{k: v for k, v in grid.train.items() if k not in G.NOTEBOOK_ONLY},
+        params = {**head.params, **{k: v for k, v in grid.train.items() if k not in grid_spec.NOTEBOOK_ONLY},
                   "epochs": 1, "train_subsample": args.steps * head.cfg.batch_size, "num_snapshots": 2, "top_k": 2}
         cfg = config.make_config(**params)
         head = replace(head, cfg=cfg, params=params)
@@ -64,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
         manifest = training.read_manifest(out)
         # the notebook around a run: kernel start, imports, the finished run's tables and figure
         k0, w1 = cpu_seconds(resource.RUSAGE_CHILDREN), time.perf_counter()
-        G.execute_notebook("02_train.ipynb", Path(tmp) / "nb" / "02_train.ipynb",
+        grid_execute.execute_notebook("02_train.ipynb", Path(tmp) / "nb" / "02_train.ipynb",
                            dict(head.params, output_root=str(Path(tmp) / "runs")))
         nb_cpu, nb_wall = cpu_seconds(resource.RUSAGE_CHILDREN) - k0, time.perf_counter() - w1
         # a pipeline step: 04_analysis on the authors' released results (as make reproduce-paper)
@@ -73,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
         params = yaml.safe_load((_c.REPO / "params" / "reproduce_paper.yaml").read_text())
         params["outputs_root"] = str(Path(tmp) / "report")
         k1, w2 = cpu_seconds(resource.RUSAGE_CHILDREN), time.perf_counter()
-        G.execute_notebook("04_analysis.ipynb", Path(tmp) / "report" / "04_analysis.ipynb", params)
+        grid_execute.execute_notebook("04_analysis.ipynb", Path(tmp) / "report" / "04_analysis.ipynb", params)
         step_cpu, step_wall = cpu_seconds(resource.RUSAGE_CHILDREN) - k1, time.perf_counter() - w2
     t = manifest["timings"]
     work = cost.run_work(head.cfg)
@@ -98,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     ]
     text = (f"The demo grid's head-tuning run ({head.run_id}: SIB-200, `cpu` preset, precision {manifest['precision']}), "
             f"{args.threads} threads, trained in this process; load average {hw['loadavg']}.\n\n"
-            + _c.md_table(["work", "counted by ofa_lib.cost", "wall", "effective TFLOP/s"], rows, "lrrr")
+            + _c.md_table(["work", "counted by ofa_lib.grid.cost", "wall", "effective TFLOP/s"], rows, "lrrr")
             + f"\n\nRun: {run_wall:.1f} s wall, {run_cpu:.1f} s CPU → CPU share {share:.2f} (times scaled by it). "
             f"Fixed cost per run {th.run_overhead_s:.1f} s (data, model, featurize {prep_s:.1f} s; the 02_train "
             f"notebook around a finished run {nb_wall:.1f} s wall, {nb_cpu:.1f} s CPU); per pipeline step "

@@ -4,7 +4,7 @@ Real XNLI test pairs (``--langs``, ``--n`` per language, the ``cpu`` preset's fe
 max_length 128, trimmed vocabulary) scored by the embedded model under the precision ``auto`` picks (as the
 ``cpu`` preset evaluates), batch size 64, three ways over the same featurized rows:
 
-  sorted-dynamic   ``ofa_lib.evaluation.predict``: batches of similar length (longest first),
+  sorted-dynamic   ``ofa_lib.train.evaluation.predict``: batches of similar length (longest first),
                    each padded to its longest row (this project)
   dynamic          batches in the original order, each padded to its longest row
   padded           batches in the original order, every batch padded to max_length
@@ -37,7 +37,7 @@ def baseline(model, eval_set, *, batch_size: int, pad_to: int | None, device: to
              autocast_dtype) -> tuple[list[np.ndarray], int]:
     """Logits in the original order, batches in the original order; each batch padded to
     ``pad_to`` (or to its longest row when None). Returns (logits, token slots computed)."""
-    from ofa_lib import features
+    from ofa_lib.data import features
 
     pad_id = model.config.pad_token_id or 0
     rows, out, slots = eval_set.rows, [], 0
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     import datasets
 
-    from ofa_lib import config, evaluation, training
+    from ofa_lib.train import config, evaluation, training
 
     datasets.disable_progress_bars()
     device = torch.device(args.device)

@@ -37,7 +37,7 @@ def _child_merge(method: str, paths: list[str], fishers: list[str]) -> None:
     import torch
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    from ofa_lib import merging
+    from ofa_lib.merge import merging
 
     base_kib = _avg._status_kib("VmRSS")
     t0 = time.perf_counter()
@@ -81,8 +81,10 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from ofa_lib import ckpt_io, crossrun, fisher, merging, training
-    from ofa_lib.config import TrainConfig
+    from ofa_lib.merge import crossrun, merging
+    from ofa_lib.models import ckpt_io
+    from ofa_lib.train import fisher, training
+    from ofa_lib.train.config import TrainConfig
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench_fisher_"))
     try:

@@ -1,11 +1,11 @@
-"""Benchmark: peak memory and time of merge methods (ofa_lib.merging) against loading all N (not a test).
+"""Benchmark: peak memory and time of merge methods (ofa_lib.merge.merging) against loading all N (not a test).
 
 Creates N_max checkpoints with the tensor shapes of multilingual-e5-small (as
 ``bench_averaging.py``: ~118M parameters, stored bf16) plus θ₀ (the same shapes), then for each
 N and method, each repetition in a fresh subprocess:
 
-  uniform    ofa_lib.merging.merge_files(uniform) = averaging.average_checkpoints, output in bf16
-  ties       ofa_lib.merging.merge_files(ties, density 0.2): row blocks of θ₀ and the N inputs,
+  uniform    ofa_lib.merge.merging.merge_files(uniform) = averaging.average_checkpoints, output in bf16
+  ties       ofa_lib.merge.merging.merge_files(ties, density 0.2): row blocks of θ₀ and the N inputs,
              per-tensor magnitude threshold by radix select over blocks, output in bf16
   ties-fp32  the same with an fp32 output (what ofa-merge writes: one more bf16 file's worth)
   load-all   load θ₀ and all N state dicts into memory (safetensors.torch.load_file, cloned out of
@@ -44,7 +44,7 @@ def _child_run(method: str, base: str, paths: list[str]) -> None:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     from safetensors.torch import load_file
 
-    from ofa_lib import merging
+    from ofa_lib.merge import merging
 
     base_kib = _avg._status_kib("VmRSS")
     t0 = time.perf_counter()

@@ -1,6 +1,6 @@
 """Precision on this machine's CPU: fp32 against bf16 autocast, one training step of an e5-small-shaped BERT.
 
-What ``precision: auto`` decides from the hardware (``ofa_lib.training.resolve_precision``) is
+What ``precision: auto`` decides from the hardware (``ofa_lib.train.training.resolve_precision``) is
 checked here against a measurement: forward + backward + fused AdamW step of a randomly
 initialised BERT with multilingual-e5-small's shape (12 layers, hidden 384, 12 heads, FFN 1536,
 vocabulary trimmed to 8,000 as the ``cpu`` preset does), batch 16 × 64 tokens, the same batch for
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     from transformers import BertConfig, BertForSequenceClassification
 
-    from ofa_lib import training
+    from ofa_lib.train import training
 
     torch.manual_seed(0)
     model = BertForSequenceClassification(BertConfig(

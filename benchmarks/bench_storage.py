@@ -11,7 +11,7 @@ projected (from the measured bytes per parameter of each file kind) to the full,
 embedded model and to XLM-R large (560M parameters). With ``make demo`` done, the real demo
 run folders under ``outputs/runs/demo`` are measured as well.
 
-Evaluation cache (section 5): ``ofa_lib.crossrun.average_runs`` over the 4 runs (variants
+Evaluation cache (section 5): ``ofa_lib.merge.crossrun.average_runs`` over the 4 runs (variants
 last, src_dev, ca; r = 1…4; S samplings; soups of the top 5 snapshots), twice on the same
 results file: the first pass evaluates only distinct contents, the second evaluates nothing.
 The naive count is every (sampling, r, variant) item plus every soup: what a protocol without
@@ -83,7 +83,7 @@ def projection(params: int, per_param: dict[str, float], top_k: int) -> int:
 
 
 def train_grid(root: Path, lrs: list[float], batch_sizes: list[int], train_subsample: int) -> tuple[list[Path], dict]:
-    from ofa_lib import config, training
+    from ofa_lib.train import config, training
 
     out, resume = [], {}
     for i, (lr, bs) in enumerate((lr, bs) for lr in lrs for bs in batch_sizes):
@@ -206,7 +206,7 @@ def _demo_runs() -> tuple[str, dict]:
 
 
 def cache_section(runs_root: Path, tmp: Path, started: float, args) -> None:
-    from ofa_lib import crossrun
+    from ofa_lib.merge import crossrun
 
     runs = crossrun.find_runs(runs_root, task="sib")
     variants = ["last", "src_dev", "ca"]
@@ -242,7 +242,7 @@ def cache_section(runs_root: Path, tmp: Path, started: float, args) -> None:
                          "checkpoint reads", "wall [s]"], rows_t, "lrrrrrr")
     consistent = all(p[0]["evaluations"] == first["evaluations"] and p[1]["evaluations"] == 0 for p in passes)
     text = (
-        f"`ofa_lib.crossrun.average_runs` over {r_max} real runs (the grid trained for section 3), variants "
+        f"`ofa_lib.merge.crossrun.average_runs` over {r_max} real runs (the grid trained for section 3), variants "
         f"{', '.join(variants)}, r = 1…{r_max}, S = {args.samplings} samplings, soups of the top 5 kept snapshots; "
         f"every average and soup is scored on English dev and the 2 target test sets. {args.reps} repetitions on "
         f"fresh results files (counts identical in every repetition: {consistent}); wall time median (min–max).\n\n"

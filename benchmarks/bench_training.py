@@ -30,7 +30,7 @@ import torch
 
 
 def ours(cfg, root: Path, device: str) -> float:
-    from ofa_lib import training
+    from ofa_lib.train import training
 
     out = training.run_training(cfg, root, progress=False, device=device)
     log = pd.read_parquet(out / "train_log.parquet")
@@ -39,9 +39,14 @@ def ours(cfg, root: Path, device: str) -> float:
 
 
 def trainer(cfg, root: Path, device: str) -> float:
-    from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments
+    from transformers import (
+        DataCollatorWithPadding,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
 
-    from ofa_lib import training
+    from ofa_lib.train import training
 
     prep = training.prepare(cfg)
     precision = training.resolve_precision(cfg.precision, torch.device(device))[0]
@@ -93,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--steps must be >= 3 and --repeats >= 1")
     _c.check_device(parser, args.device)
     torch.set_num_threads(args.threads)
-    from ofa_lib import config, training
+    from ofa_lib.train import config, training
 
     results: dict[str, list[float]] = {"ofa_lib": [], "transformers.Trainer": []}
     peaks: dict[str, list[float]] = {"ofa_lib": [], "transformers.Trainer": []}  # CUDA: GiB allocated at peak

@@ -52,7 +52,7 @@ def check(name: str, title: str, fn, started_all: float, budget_s: float) -> dic
 def precision_check() -> dict:
     import torch
 
-    from ofa_lib import config, training
+    from ofa_lib.train import config, training
 
     t0 = time.perf_counter()
     dev = torch.device("cuda")
@@ -84,7 +84,7 @@ def precision_check() -> dict:
 def resume_check() -> dict:
     import pandas as pd
 
-    from ofa_lib import config, training
+    from ofa_lib.train import config, training
 
     t0 = time.perf_counter()
     cfg = config.make_config("nli", "smoke", target_langs={"xnli": ["de"]}, storage_dtype="fp32", top_k=2)
@@ -144,7 +144,7 @@ def cost_check(result: dict) -> dict:
 
     import torch
 
-    from ofa_lib import cost
+    from ofa_lib.grid import cost
 
     t0 = time.perf_counter()
     ex_s = _c.stats(result["data"]["examples_per_s"]["ofa_lib"])["median"]
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     if not torch.cuda.is_available():
-        from ofa_lib import training
+        from ofa_lib.train import training
 
         print(f"gpu-check: no usable CUDA device here ({training.torch_build()}); nothing to check", file=sys.stderr)
         return 2

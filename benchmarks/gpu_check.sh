@@ -27,7 +27,7 @@ if ! .venv/bin/python -c "$cuda_ok" 2>/dev/null; then
 fi
 .venv/bin/python -m pip install -q -e ".[dev]" 2>&1 | { grep -v 'is ignored' || true; }
 .venv/bin/python -c "$cuda_ok" || { echo "gpu-check: torch cannot use CUDA here"; .venv/bin/python -c \
-  "from ofa_lib import training; print(training.torch_build())"; exit 2; }
+  "from ofa_lib.train import training; print(training.torch_build())"; exit 2; }
 .venv/bin/python -m ipykernel install --sys-prefix --name python3 >/dev/null
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 exec timeout 480 .venv/bin/python benchmarks/gpu_check.py "$@"

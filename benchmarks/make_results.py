@@ -39,7 +39,7 @@ DEFAULT_GRID_SUMMARY = _c.REPO / "outputs" / "reports" / "demo" / "grid_summary.
 GPU_METHOD = """\
 GPU-hours for the paper grids: `python -m ofa_lib.grid plan params/grids/paper_nli.yaml --estimate` (and
 paper_ner, paper_tydiqa) counts the tokens each run trains and evaluates from the data and converts them with
-the cost model's GPU throughput (`ofa_lib.cost`): **assumed** figures until `make gpu-check` has measured this
+the cost model's GPU throughput (`ofa_lib.grid.cost`): **assumed** figures until `make gpu-check` has measured this
 GPU (`benchmarks/raw/cost_cuda.json`), then measured. The estimate is printed next to the authors' ~1,050
 V100-hours and ~1.4 TB per task.
 """

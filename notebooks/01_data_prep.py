@@ -5,7 +5,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -36,10 +36,12 @@ output_dir = None            # default outputs/data/<task>
 
 
 # %%
-from ofa_lib import notebook_params
+from ofa_lib.grid import notebook_params
+
 notebook_params.check(globals(), "01_data_prep")  # unknown parameters and wrong types: refused here
 from IPython.display import Markdown, display
-from ofa_lib import dataprep
+
+from ofa_lib.analysis import dataprep, plots
 
 dataprep.setup_display()
 cfg = dataprep.make_prep_config(  # fails here, naming the parameter, before any work
@@ -79,7 +81,7 @@ examples.set_index(["dataset", "lang", "split", "#"])
 tokenizer = dataprep.load_tokenizer(cfg.model_name)
 lengths = dataprep.token_lengths(cfg, samples, tokenizer)
 dataprep.save_table(lengths, out, "token_lengths")
-dataprep.save_figure(dataprep.plot_lengths(lengths, cfg.max_length), out, "token_lengths")
+plots.save_figure(plots.plot_lengths(lengths, cfg.max_length), out, "token_lengths")
 
 # %% [markdown]
 # ## Truncation at `max_length`
@@ -90,7 +92,7 @@ dataprep.save_figure(dataprep.plot_lengths(lengths, cfg.max_length), out, "token
 stats = dataprep.length_stats(lengths)
 dataprep.save_table(stats, out, "length_stats")
 display(dataprep.styled(stats.set_index(["dataset", "lang", "split"]), precision=1))
-dataprep.save_figure(dataprep.plot_truncation(lengths, cfg.max_length, qa=cfg.task == "qa"), out, "truncation")
+plots.save_figure(plots.plot_truncation(lengths, cfg.max_length, qa=cfg.task == "qa"), out, "truncation")
 
 # %% [markdown]
 # ## QA: windows per question

@@ -5,7 +5,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -46,12 +46,12 @@ storage_dtype = None         # fp16 | bf16 | fp32 for stored variants (CA always
 top_k = None                 # keep the k best snapshots by English dev (for soups)
 label_all_subtokens = None   # NER: the authors' sub-token labelling and scoring
 eval_batch_size = None
-optimizer = None             # adamw (default) | sam | fisher_penalty (ofa_lib.optim)
+optimizer = None             # adamw (default) | sam | fisher_penalty (ofa_lib.train.optim)
 sam_rho = None               # SAM radius (0.05)
 fisher_penalty_weight = None # λ of the Fisher penalty (0.01)
 measures = None              # e.g. ["margin_src", "margin_trg", "frobenius"]: recorded at every snapshot
 measure_examples = None      # examples per measure data set (64)
-unfreeze = None              # none | lpft | gu | gu_reverse | random | fun (ofa_lib.unfreezing)
+unfreeze = None              # none | lpft | gu | gu_reverse | random | fun (ofa_lib.train.unfreezing)
 unfreeze_every = None        # k: steps between unfreezing events (50)
 adapters = None              # 0: full fine-tuning; r: bottleneck task adapters, reduction r (MAD-X: 16)
 fisher_every = None          # m: tr(F) per block every m steps into fisher.parquet (0: off)
@@ -66,10 +66,13 @@ threads = None               # torch CPU threads
 
 
 # %%
-from ofa_lib import notebook_params
+from ofa_lib.grid import notebook_params
+
 notebook_params.check(globals(), "02_train")  # unknown parameters and wrong types: refused here
 import torch
-from ofa_lib import config, report, runs, training
+
+from ofa_lib.analysis import plots
+from ofa_lib.train import config, runs, training
 
 if threads:
     torch.set_num_threads(int(threads))
@@ -91,7 +94,7 @@ run.summary()
 # ## Training loss and snapshot scores on dev
 
 # %%
-report.save_figure(runs.plot_training(run), run.path, "training")  # also training.png/svg in the run
+plots.save_figure(plots.plot_training(run), run.path, "training")  # also training.png/svg in the run
 
 # %% [markdown]
 # ## Variants on the target test sets (primary metric, ×100)

@@ -5,7 +5,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -21,7 +21,7 @@ variants = ["last", "src_dev", "ca"]
 r_max = 10                   # capped at the number of (lr, batch) configurations
 n_samplings = 10             # sampling seeds 0 .. n_samplings-1
 soup_k = 5                   # snapshots per soup, 0 for none; runs need top_k above 0
-methods = ["uniform"]         # merge methods (ofa_lib.merging): names, or a mapping name -> options,
+methods = ["uniform"]         # merge methods (ofa_lib.merge.merging): names, or a mapping name -> options,
                              # e.g. {"uniform": {}, "ties": {"density": 0.2, "lambda": 1.0}}
 method_variants = None       # variants the methods other than uniform merge (None: all of `variants`)
 keep_checkpoints = False     # write the averaged weights under <runs_root>/../averages/
@@ -36,14 +36,17 @@ threads = None               # torch CPU threads
 #
 # Run headless: `papermill notebooks/03_average.ipynb out.ipynb -p task sib`; then `notebooks/04_analysis.ipynb` with `source` = the results file.
 #
-# `methods` adds other merge rules of the same runs (`ofa_lib.merging`: uniform, task_arithmetic, ties, dare_linear, dare_ties, fisher, greedy_soup), each row tagged with the method and its options in the store's `method` column. `fisher` weights each run per parameter by its diagonal Fisher on English training data, computed once per run checkpoint into `<averages>/fisher/` (docs/method.md §6).
+# `methods` adds other merge rules of the same runs (`ofa_lib.merge.merging`: uniform, task_arithmetic, ties, dare_linear, dare_ties, fisher, greedy_soup), each row tagged with the method and its options in the store's `method` column. `fisher` weights each run per parameter by its diagonal Fisher on English training data, computed once per run checkpoint into `<averages>/fisher/` (docs/method.md §6).
 
 # %%
-from ofa_lib import notebook_params
+from ofa_lib.grid import notebook_params
+
 notebook_params.check(globals(), "03_average")  # unknown parameters and wrong types: refused here
 import pandas as pd
 import torch
-from ofa_lib import crossrun, results
+
+from ofa_lib import results
+from ofa_lib.merge import crossrun
 
 if threads:
     torch.set_num_threads(int(threads))

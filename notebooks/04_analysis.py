@@ -5,7 +5,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -30,7 +30,7 @@ data_dir = None
 gain_r = 10
 # description: a paragraph shown at the top of the report (e.g. what a demo grid scaled down)
 description = None
-# diagnosis: None, or a folder written by `python -m ofa_lib.diagnose RUN_A RUN_B ... --out FOLDER`
+# diagnosis: None, or a folder written by `python -m ofa_lib.analysis.diagnose RUN_A RUN_B ... --out FOLDER`
 # (shown beside the score-vs-r figure; a relative path starts in notebooks/)
 diagnosis = None
 
@@ -49,10 +49,13 @@ diagnosis = None
 # is typed by hand. Re-run with `make reproduce-paper` (or papermill with other parameters).
 
 # %%
-from ofa_lib import notebook_params
+from ofa_lib.grid import notebook_params
+
 notebook_params.check(globals(), "04_analysis")  # unknown parameters and wrong types: refused here
 from IPython.display import Markdown, display
-from ofa_lib import report as rp
+
+from ofa_lib.analysis import plots
+from ofa_lib.analysis import report as rp
 
 out_dir = rp.report_dir(report_name, outputs_root)
 data = rp.load(source, tasks, model=model, data_dir=data_dir)
@@ -126,7 +129,7 @@ rp.wide_paired(tables["paired"])
 # (dotted) do not depend on the variant and are repeated in each column for reference.
 
 # %%
-rp.save_figure(rp.fig_score_vs_r(tables["table1"], tables["table2"]), out_dir, "score_vs_r")
+plots.save_figure(plots.fig_score_vs_r(tables["table1"], tables["table2"]), out_dir, "score_vs_r")
 
 # %% [markdown]
 # ### Why averaging CA weights can fall behind
@@ -136,7 +139,7 @@ rp.save_figure(rp.fig_score_vs_r(tables["table1"], tables["table2"]), out_dir, "
 # run's CA compares with its LAST and whether that gap sits in the runs whose first snapshots were still
 # unconverged (`snapshot_convergence.csv`). With the `diagnosis` parameter, the full diagnosis
 # (interpolation curves, distances from the start weights, the r = 1 check, CA without its earliest
-# snapshots, fp32 against the storage dtype; `python -m ofa_lib.diagnose`) is shown as well.
+# snapshots, fp32 against the storage dtype; `python -m ofa_lib.analysis.diagnose`) is shown as well.
 
 # %%
 conv = rp.snapshot_convergence(data)
@@ -146,8 +149,9 @@ if len(conv):
 else:
     print("no per-snapshot rows in the results (the released results keep none)")
 if diagnosis:
-    from IPython.display import Image
     from pathlib import Path
+
+    from IPython.display import Image
     display(Markdown(rp.diagnosis_markdown(diagnosis)))
     display(Image(filename=str(Path(diagnosis) / "diagnosis.png")))
 
@@ -159,7 +163,7 @@ if diagnosis:
 # selection and for averaging.
 
 # %%
-rp.save_figure(rp.fig_spread(tables["per_sampling"]), out_dir, "spread_by_r")
+plots.save_figure(plots.fig_spread(tables["per_sampling"]), out_dir, "spread_by_r")
 
 # %% [markdown]
 # ## Where averaging helps: per target language
@@ -170,7 +174,7 @@ rp.save_figure(rp.fig_spread(tables["per_sampling"]), out_dir, "spread_by_r")
 # %%
 gain = rp.per_language_gain(data, tables["per_sampling"], r=gain_r)
 rp.write_csv(gain, out_dir / "language_gain.csv")
-rp.save_figure(rp.fig_language_gain(gain, r=gain_r), out_dir, "language_gain")
+plots.save_figure(plots.fig_language_gain(gain, r=gain_r), out_dir, "language_gain")
 
 # %% [markdown]
 # ## Table 3 — single runs by hyperparameter configuration
@@ -179,7 +183,7 @@ rp.save_figure(rp.fig_language_gain(gain, r=gain_r), out_dir, "language_gain")
 # of each variant (TRG-DEV: per-language best snapshot on target dev, an oracle) (`table3.csv`).
 
 # %%
-rp.save_figure(rp.fig_table3(tables["table3"]), out_dir, "table3_heatmap")
+plots.save_figure(plots.fig_table3(tables["table3"]), out_dir, "table3_heatmap")
 
 # %%
 rp.wide_table3(tables["table3"])
@@ -195,7 +199,7 @@ if len(merge_tab):
     rp.write_csv(merge_tab, out_dir / rp.MERGE_FILE)
     display(Markdown(rp.merge_sentence(merge_tab)))
     display(rp.wide_merge_table(merge_tab))
-    display(rp.save_figure(rp.fig_merge_methods(merge_tab), out_dir, "merge_methods"))
+    display(plots.save_figure(plots.fig_merge_methods(merge_tab), out_dir, "merge_methods"))
 else:
     print("no merge rows (the released results, or no averages in the store)")
 

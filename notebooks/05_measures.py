@@ -5,7 +5,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -39,19 +39,26 @@ threads = None               # torch CPU threads
 # %% [markdown]
 # # 05 · Generalization measures: do label-free signals pick models as well as averaging?
 #
-# For every run of a pool and each of its kept checkpoints (LAST, SRC-DEV, CA, TRG-DEV) this notebook takes the generalization measures of `ofa_lib.measures` — margin on English dev (labels), label-free margin (top-1 − top-2 probability) on unlabelled target-language dev text, Jiang et al.'s worst-case sharpness in a relative box, the difference-based sharpness at random nearby points, the Frobenius distance of the encoder from its pretrained weights and tr(F) — from the runs' `measures.parquet` where training recorded them, else computed on the stored checkpoints. It then asks (1) how well each measure ranks checkpoints by target-language test score (Spearman ρ, Kendall τ, bootstrap 95% intervals), (2) how selecting one run by a measure compares with Max SRC-DEV, Max TRG-DEV (an oracle: it sees target labels) and accumulative averaging in the Table-1 layout, and (3) whether averaged weights are flatter than the runs they average.
+# For every run of a pool and each of its kept checkpoints (LAST, SRC-DEV, CA, TRG-DEV) this notebook takes the generalization measures of `ofa_lib.train.measures` — margin on English dev (labels), label-free margin (top-1 − top-2 probability) on unlabelled target-language dev text, Jiang et al.'s worst-case sharpness in a relative box, the difference-based sharpness at random nearby points, the Frobenius distance of the encoder from its pretrained weights and tr(F) — from the runs' `measures.parquet` where training recorded them, else computed on the stored checkpoints. It then asks (1) how well each measure ranks checkpoints by target-language test score (Spearman ρ, Kendall τ, bootstrap 95% intervals), (2) how selecting one run by a measure compares with Max SRC-DEV, Max TRG-DEV (an oracle: it sees target labels) and accumulative averaging in the Table-1 layout, and (3) whether averaged weights are flatter than the runs they average.
 #
 # Run headless: `papermill notebooks/05_measures.ipynb out.ipynb -p task sib -p runs_root outputs/runs/<grid>`; in a grid: a `pipeline` step after `03_average.ipynb`.
 
 # %%
-from ofa_lib import notebook_params
+from ofa_lib.grid import notebook_params
+
 notebook_params.check(globals(), "05_measures")  # unknown parameters and wrong types: refused here
 import warnings
 from pathlib import Path
+
 import pandas as pd
 import torch
 from IPython.display import Markdown, display
-from ofa_lib import crossrun, label_free, measures as M, report, results, selection
+
+from ofa_lib import results
+from ofa_lib.analysis import label_free, plots, report
+from ofa_lib.merge import crossrun
+from ofa_lib.results import selection
+from ofa_lib.train import measures as M
 
 if threads:
     torch.set_num_threads(int(threads))
@@ -94,7 +101,7 @@ frame.round(4)
 corr = label_free.rank_correlations(frame, measures, "test", n_bootstrap=n_bootstrap, seed=seed)
 report.write_csv(corr, out / "rank_correlations.csv")
 display(corr.round(3))
-report.save_figure(label_free.fig_correlations(frame, measures), out, "measures_vs_test")
+plots.save_figure(plots.fig_correlations(frame, measures), out, "measures_vs_test")
 
 # %% [markdown]
 # ### Per snapshot (measures recorded during training) against the mean target **dev** score
@@ -130,7 +137,7 @@ ps = label_free.per_sampling_measures(data, frame, sampling_seeds)
 table = label_free.selection_table(ps)
 report.write_csv(table, out / "selection_table.csv")
 display(label_free.wide_selection(table))
-report.save_figure(label_free.fig_selection(table, "ca" if "ca" in variants else variants[0]), out, "selection_vs_r")
+plots.save_figure(plots.fig_selection(table, "ca" if "ca" in variants else variants[0]), out, "selection_vs_r")
 
 # %% [markdown]
 # ## Which label-free selection comes closest to Max TRG-DEV?

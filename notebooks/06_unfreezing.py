@@ -5,7 +5,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -34,18 +34,21 @@ threads = None               # torch CPU threads
 # Run headless: `papermill notebooks/06_unfreezing.ipynb out.ipynb -p runs_root outputs/runs/demo_unfreezing`, or as the pipeline of `python -m ofa_lib.grid run params/grids/demo_unfreezing.yaml`.
 
 # %%
-from ofa_lib import notebook_params
+from ofa_lib.grid import notebook_params
+
 notebook_params.check(globals(), "06_unfreezing")  # unknown parameters and wrong types: refused here
 from pathlib import Path
+
 import torch
 from IPython.display import Markdown, display
-from ofa_lib import report, unfreezing
+
+from ofa_lib.analysis import plots, report, unfreezing_report
 
 if threads:
     torch.set_num_threads(int(threads))
 out = Path(output_dir) if output_dir else report.report_dir(report_name)
 out.mkdir(parents=True, exist_ok=True)
-runs = unfreezing.find_schedule_runs(runs_root, task)
+runs = unfreezing_report.find_schedule_runs(runs_root, task)
 runs.groupby("setting")[["lr", "batch_size", "seed", "every"]].agg(lambda x: sorted(set(x)))
 
 # %% [markdown]
@@ -54,11 +57,11 @@ runs.groupby("setting")[["lr", "batch_size", "seed", "every"]].agg(lambda x: sor
 # Every `fisher_every` steps, tr(F) = E_x E_{y~p(y|x)} ‖∇ log p(y|x)‖² per block on `fisher_batches` fixed training batches (labels drawn from the model; `fisher.parquet` of each run). Left: summed over the trainable blocks and divided by their number, as the paper plots it (undefined before the first block is unfrozen); right: summed over all blocks, trainable or not.
 
 # %%
-fisher = unfreezing.load_fisher(runs)
+fisher = unfreezing_report.load_fisher(runs)
 if len(fisher):
-    curves = unfreezing.fisher_curve(fisher).merge(runs[["run_id", "setting"]], on="run_id")
+    curves = unfreezing_report.fisher_curve(fisher).merge(runs[["run_id", "setting"]], on="run_id")
     report.write_csv(curves, out / "fisher_curves.csv")
-    display(report.save_figure(unfreezing.fig_fisher_curves(fisher), out, "fisher_curves"))
+    display(plots.save_figure(plots.fig_fisher_curves(fisher), out, "fisher_curves"))
     display(curves.groupby("setting").agg(peak=("mean_trainable", "max"),
                                             peak_step=("mean_trainable", lambda s: curves.step[s.idxmax()]),
                                             final=("total", "last")))
@@ -71,10 +74,10 @@ else:
 # Each event's block as its depth from the top (0 = the top layer) against the event's position; GU is the dashed diagonal. Where FUN's dots follow it, FUN recovered the top-down schedule (the paper's Fig. 5).
 
 # %%
-events = unfreezing.load_events(runs)
+events = unfreezing_report.load_events(runs)
 if len(events):
     report.write_csv(events, out / "unfreezing_events.csv")
-    display(report.save_figure(unfreezing.fig_schedule_order(events), out, "unfreezing_order"))
+    display(plots.save_figure(plots.fig_schedule_order(events), out, "unfreezing_order"))
     display(events.pivot_table(index="setting", columns="position", values="depth_from_top", aggfunc="mean").round(1))
 else:
     print("no scheduled run")
@@ -85,7 +88,7 @@ else:
 # Primary metric ×100 of each run's `variant`: English (source dev; the runs score no English test), the target language that is lowest on average over all runs, and the mean over target languages; mean ± std over the runs of a setting (their seeds and learning rates).
 
 # %%
-per_run, table2 = unfreezing.transfer_table(runs, variant)
+per_run, table2 = unfreezing_report.transfer_table(runs, variant)
 report.write_csv(per_run, out / "transfer_per_run.csv")
 report.write_csv(table2.reset_index(), out / "transfer_table.csv")
 table2
@@ -96,14 +99,14 @@ table2
 # Within each setting with at least two (lr, batch) configurations: Max. SRC-DEV against accumulative averaging of the first r sampled runs (`crossrun.average_runs`, one results store per setting in the output directory), target test mean ×100, mean ± std over samplings. Does averaging GU runs beat averaging standard runs?
 
 # %%
-t1 = unfreezing.averaging_by_setting(runs, out, variants=list(average_variants), r_max=r_max,
+t1 = unfreezing_report.averaging_by_setting(runs, out, variants=list(average_variants), r_max=r_max,
                                      n_samplings=n_samplings, device=device)
 if len(t1):
     report.write_csv(t1, out / "averaging_by_setting.csv")
-    display(report.save_figure(unfreezing.fig_averaging(t1, average_variants[0]), out, "averaging_by_setting"))
+    display(plots.save_figure(plots.fig_averaging(t1, average_variants[0]), out, "averaging_by_setting"))
     display(t1.assign(cell=t1["mean"].map("{:.1f}".format) + " ± " + t1["std"].map("{:.1f}".format))
               .pivot_table(index=["setting", "r"], columns=["selection", "variant"], values="cell", aggfunc="first"))
-    display(Markdown(unfreezing.averaging_answer(t1, average_variants[0])))
+    display(Markdown(unfreezing_report.averaging_answer(t1, average_variants[0])))
 else:
     print("no setting has two (lr, batch) configurations: nothing to average")
 

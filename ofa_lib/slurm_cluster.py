@@ -244,7 +244,9 @@ SchedulerType=sched/backfill
 SchedulerParameters=batch_sched_delay=0,sched_interval=1,sched_min_interval=100000
 EnforcePartLimits=ALL
 MailProg=/bin/true
-KillWait=5
+# SLURM's default: the seconds from SIGTERM to SIGKILL, in which a requeued or preempted training run
+# finishes its step and writes its resume state (5 s was too short for that on a loaded 2-core machine)
+KillWait=30
 InactiveLimit=0
 SlurmctldTimeout=30
 SlurmdTimeout=60

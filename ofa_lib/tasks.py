@@ -2,7 +2,7 @@
 model head, the metrics, and the names reports and the authors' released results use.
 
 A new task is one :class:`Task` here plus its loader in :mod:`ofa_lib.data` (rows in the study's layout) and
-its hub source in :mod:`ofa_lib.hub`; configuration, featurizing, models, metrics, grids and reports read it
+its hub source in :mod:`ofa_lib.data.hub`; configuration, featurizing, models, metrics, grids and reports read it
 from here. This module imports nothing of ``ofa_lib``: every stage may use it.
 """
 
@@ -20,7 +20,7 @@ class Task:
     kind: str                     # one of KINDS: which featurizer, evaluation and head
     columns: tuple[str, ...]      # the columns of the study's layout (ofa_lib.data) the featurizer needs
     head: str                     # the transformers Auto class of the fine-tuned model
-    metrics: tuple[str, ...]      # what evaluation reports (ofa_lib.metrics)
+    metrics: tuple[str, ...]      # what evaluation reports (ofa_lib.train.metrics)
     primary_metric: str           # the one selection and averaging compare
     data: dict[str, Any]          # cpu/smoke presets: {"train", "source_dev", "targets"} dataset names
     fetch: tuple[str, ...]        # what `ofa-data fetch TASK` downloads: the paper's data for the task

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import string
 
 import pytest
@@ -27,7 +28,14 @@ def build_tiny_tokenizer():
     (mostly character by character) with offsets. Post-processing is XLM-R's
     ``<s> A </s>`` / ``<s> A </s></s> B </s>``.
     """
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+    )
     from transformers import XLMRobertaTokenizerFast
 
     chars = list(string.ascii_letters + string.digits + string.punctuation + "äöüéèàçñßø")
@@ -62,3 +70,30 @@ def tmp_outputs(tmp_path, monkeypatch):
     out.mkdir()
     monkeypatch.setenv("OFA_OUTPUTS", str(out))
     return out
+
+
+# ---------------------------------------------------------------- disk: a test module's files go when it passes
+# Smoke runs write real checkpoints (a few hundred MB each), and the whole suite would hold tens of GB under
+# pytest's basetemp until it ends. A module whose tests all passed leaves nothing behind: the folders it made
+# there (function tmp_path and its fixtures' mktemp) are removed when the module is done. A module with a
+# failure keeps them for inspection, and pytest keeps only the last run's basetemp (pyproject.toml).
+_FAILED_MODULES: set[str] = set()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        _FAILED_MODULES.add(item.module.__name__)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _module_tmp_cleanup(request, tmp_path_factory):
+    base = tmp_path_factory.getbasetemp()
+    before = set(base.iterdir())
+    yield
+    if request.module.__name__ in _FAILED_MODULES or os.environ.get("OFA_KEEP_TMP"):
+        return
+    for path in set(base.iterdir()) - before:
+        shutil.rmtree(path, ignore_errors=True)

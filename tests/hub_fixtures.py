@@ -1,7 +1,7 @@
 """Local copies of the public hub repositories in their own layout, built from rows of the offline mirror.
 
 ``build_hub_root(root, units)`` writes, for each dataset of ``units``, the repository ``root/org/name`` of
-its :class:`ofa_lib.hub.HubSource` the way the hub holds it:
+its :class:`ofa_lib.data.hub.HubSource` the way the hub holds it:
 
 - ``configs`` layout: ``README.md`` with YAML ``configs:`` (``data_files`` per split) and ``dataset_info``
   features (ClassLabel names), parquet files ``<config>/<split>-00000-of-00001.parquet``;
@@ -22,7 +22,8 @@ from typing import Any
 import datasets
 import yaml
 
-from ofa_lib import data, hub
+from ofa_lib import data
+from ofa_lib.data import hub
 
 STRING = datasets.Value("string")
 NER_HUB_NAMES = {

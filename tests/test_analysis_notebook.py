@@ -11,8 +11,8 @@ import nbformat
 import pandas as pd
 import pytest
 
-from ofa_lib import results as R
 from ofa_lib.paths import REPO_ROOT, data_dir
+from ofa_lib.results import released
 
 NOTEBOOK = REPO_ROOT / "notebooks" / "04_analysis.ipynb"
 PARAMS = REPO_ROOT / "params" / "reproduce_paper.yaml"
@@ -41,7 +41,7 @@ def test_params_preset():
 @pytest.mark.slow
 def test_papermill_end_to_end(tmp_path):
     try:
-        if not (data_dir() / R.RELEASED_SUBDIR).is_dir():
+        if not (data_dir() / released.RELEASED_SUBDIR).is_dir():
             pytest.skip("released results not available")
     except FileNotFoundError as exc:
         pytest.skip(str(exc))
@@ -70,7 +70,7 @@ def test_papermill_end_to_end(tmp_path):
         for ext in ("png", "svg"):
             assert (out_dir / f"{stem}.{ext}").stat().st_size > 1000, f"{stem}.{ext}"
 
-    res = subprocess.run([sys.executable, "-m", "ofa_lib.report", "render", str(executed)],
+    res = subprocess.run([sys.executable, "-m", "ofa_lib.analysis.report", "render", str(executed)],
                          capture_output=True, text=True, cwd=REPO_ROOT)
     assert res.returncode == 0, res.stderr
     html = (out_dir / "report.html").read_text(encoding="utf-8")
@@ -84,8 +84,9 @@ def test_papermill_end_to_end(tmp_path):
 
 
 def test_paired_sentence_and_same_runs_note():
-    from ofa_lib import report as rp
     from test_selection import _paired_ps
+
+    from ofa_lib.analysis import report as rp
 
     ps = _paired_ps()
     pc = rp.S.paired_comparison(ps)
@@ -109,7 +110,7 @@ def test_paired_sentence_and_same_runs_note():
 
 
 def test_provenance_shows_repo_relative_paths(tmp_path):
-    from ofa_lib import report as rp
+    from ofa_lib.analysis import report as rp
 
     class _C:
         origin = str(REPO_ROOT / "outputs" / "results" / "demo.parquet")
@@ -125,7 +126,7 @@ def test_provenance_shows_repo_relative_paths(tmp_path):
 
 
 def test_snapshot_convergence_and_ca_sentence():
-    from ofa_lib import report as rp
+    from ofa_lib.analysis import report as rp
 
     en = {"slow": [0.25, 0.25, 0.25, 0.3, 0.6, 0.7, 0.72, 0.74, 0.75, 0.75],
           "fast": [0.5, 0.7, 0.72, 0.74, 0.75, 0.75, 0.76, 0.76, 0.76, 0.77]}

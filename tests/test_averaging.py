@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ofa_lib import ckpt_io
-from ofa_lib.averaging import (
+from ofa_lib.merge.averaging import (
     CheckpointMismatchError,
     NonFiniteError,
     RunningMean,
@@ -26,6 +25,7 @@ from ofa_lib.averaging import (
     save_checkpoint,
     uniform_soup,
 )
+from ofa_lib.models import ckpt_io
 
 FP = "ab" * 32  # a head fingerprint
 
@@ -392,7 +392,7 @@ def test_streaming_reads_one_tensor_at_a_time(tmp_path: Path, monkeypatch) -> No
 _CHILD = textwrap.dedent(
     """
     import sys, torch
-    from ofa_lib.averaging import average_checkpoints, load_checkpoint
+    from ofa_lib.merge.averaging import average_checkpoints, load_checkpoint
 
     def hwm():  # this process's peak RSS in bytes (VmHWM is reset by exec, ru_maxrss is not)
         for line in open("/proc/self/status"):
@@ -477,7 +477,7 @@ def test_greedy_soup_leaves_out_the_bad_candidate(tmp_path: Path) -> None:
 
 def test_large_tensors_are_averaged_in_row_blocks(tmp_path, monkeypatch):
     """Blocks of rows (a tiny _BLOCK here) give the same mean as whole tensors, for any row width."""
-    from ofa_lib import averaging as A
+    from ofa_lib.merge import averaging as A
 
     gen = torch.Generator().manual_seed(0)
     states = [{"emb": torch.randn(37, 5, generator=gen).to(torch.bfloat16), "wide": torch.randn(2, 40, generator=gen),

@@ -13,11 +13,13 @@ import pandas as pd
 import pytest
 import torch
 
-from ofa_lib import averaging, config, crossrun, training
 from ofa_lib import results as R
-from ofa_lib import selection as S
 from ofa_lib.io import file_sha256
+from ofa_lib.merge import averaging, crossrun
+from ofa_lib.merge import cli as merge_cli
 from ofa_lib.paths import REPO_ROOT
+from ofa_lib.results import selection as S
+from ofa_lib.train import config, training
 
 pytestmark = [pytest.mark.slow,  # expected on this grid (asserted once in the fixture)
               pytest.mark.filterwarnings("ignore:only 3 \\(lr, batch_size\\) configurations"),
@@ -299,7 +301,7 @@ def test_merge_methods_in_the_pass(averaged, tmp_path):
 def test_fisher_in_the_pass(averaged, tmp_path):
     """fisher merges in the pass: each run's diagonal computed once (then read, also by a pass into a
     fresh store), r = 1 scores like the run itself, a second pass evaluates nothing."""
-    from ofa_lib import fisher
+    from ofa_lib.train import fisher
 
     runs, store, _ = averaged
     kw = dict(variants=("ca",), r_max=3, samplings=[0, 1], soup_k=0, methods={"fisher": {"examples": 8}},
@@ -330,18 +332,18 @@ def test_fisher_in_the_pass(averaged, tmp_path):
 
 def test_ofa_merge_base_from_run(averaged, tmp_path):
     """θ₀ from a run's config: the file the pass names for these runs, then the same merge as with --base."""
-    from ofa_lib import merging
+    from ofa_lib.merge import merging
 
     runs, _, _ = averaged
     run_dir = Path(runs["path"].iloc[0])
     ckpts = [str(Path(p) / "checkpoints" / "ca.safetensors") for p in runs["path"]]
     out = tmp_path / "ta.safetensors"
-    assert merging.main(["--method", "task_arithmetic", "--base-from-run", str(run_dir), "--out", str(out), *ckpts]) == 0
+    assert merge_cli.main(["--method", "task_arithmetic", "--base-from-run", str(run_dir), "--out", str(out), *ckpts]) == 0
     plan = crossrun.plan_pass(runs, variants=("ca",), r_max=3, samplings=[0], soup_k=0, methods=["task_arithmetic"])
     base = plan.avg_dir / f"base-{crossrun.key_digest([plan.base_id])}.safetensors"
     assert base.is_file() and json.loads(averaging.read_metadata(out)["ofa_merge_base"])["file"] == str(base)
     want = merging.merge_files(merging.make_spec("task_arithmetic"), ckpts, base=base)
     got = averaging.load_checkpoint(out)
     assert all(torch.equal(got[k], want[k]) for k in want)
-    assert merging.main(["--method", "uniform", "--base-from-run", str(run_dir), "--out", str(out), *ckpts]) == 2
-    assert merging.main(["--method", "ties", "--base-from-run", str(tmp_path), "--out", str(out), *ckpts]) == 2
+    assert merge_cli.main(["--method", "uniform", "--base-from-run", str(run_dir), "--out", str(out), *ckpts]) == 2
+    assert merge_cli.main(["--method", "ties", "--base-from-run", str(tmp_path), "--out", str(out), *ckpts]) == 2

@@ -13,10 +13,13 @@ import warnings
 
 import datasets
 import pytest
-
 from hub_fixtures import build_hub_root
-from ofa_lib import config, data, datacli, features, hub
+
+from ofa_lib import data
+from ofa_lib.data import cli as datacli
+from ofa_lib.data import features, hub
 from ofa_lib.paths import REPO_ROOT
+from ofa_lib.train import config
 
 # One unit per dataset family (and both hub layouts): None = every row of the mirror split.
 UNITS = {

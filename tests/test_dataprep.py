@@ -1,4 +1,4 @@
-"""ofa_lib.dataprep on the real data (small subsets) and one headless run of 01_data_prep."""
+"""ofa_lib.analysis.dataprep on the real data (small subsets) and one headless run of 01_data_prep."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ import re
 import pandas as pd
 import pytest
 
-from ofa_lib import data, dataprep, models
-from ofa_lib.config import ConfigError
+from ofa_lib import data, models
+from ofa_lib.analysis import dataprep
 from ofa_lib.paths import REPO_ROOT
+from ofa_lib.train.config import ConfigError
 
 NOTEBOOK = REPO_ROOT / "notebooks" / "01_data_prep.ipynb"
 

@@ -1,16 +1,15 @@
-"""CA diagnosis tooling (ofa_lib.diagnose): the weights arithmetic on small tensors (fast). The end-to-end
-``python -m ofa_lib.diagnose`` was run on the demo's runs (issue 18's note)."""
+"""CA diagnosis tooling (ofa_lib.analysis.diagnose): the weights arithmetic on small tensors (fast). The end-to-end
+``python -m ofa_lib.analysis.diagnose`` was run on the demo's runs (issue 18's note)."""
 
 from __future__ import annotations
 
 import math
 
 import pandas as pd
-
 import pytest
 import torch
 
-from ofa_lib import diagnose as D
+from ofa_lib.analysis import diagnose as D
 
 
 def _states(n: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:

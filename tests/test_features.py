@@ -1,4 +1,4 @@
-"""ofa_lib.features with a tiny real fast tokenizer (tests/conftest.py) and real data."""
+"""ofa_lib.data.features with a tiny real fast tokenizer (tests/conftest.py) and real data."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from ofa_lib import features as F
 from ofa_lib.data import NER_LABELS, load_split
+from ofa_lib.data import features as F
 
 # "John lives in New York ." with the tiny tokenizer:
 TOKENS = ["<s>", "▁J", "o", "h", "n", "▁l", "i", "v", "e", "s", "▁in",

@@ -7,9 +7,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import BertConfig, BertForQuestionAnswering, BertForSequenceClassification, BertForTokenClassification
+from transformers import (
+    BertConfig,
+    BertForQuestionAnswering,
+    BertForSequenceClassification,
+    BertForTokenClassification,
+)
 
-from ofa_lib import fisher
+from ofa_lib.train import fisher
 
 
 class Tiny(torch.nn.Module):
@@ -202,7 +207,7 @@ def test_diagonal_matches_hand_computation_and_sums_to_the_trace(mode):
 
 
 def test_cached_diagonal_is_computed_once_and_recomputed_for_other_bytes(tmp_path):
-    from ofa_lib import ckpt_io
+    from ofa_lib.models import ckpt_io
 
     ckpt = tmp_path / "m.safetensors"
     ckpt_io.save_checkpoint({"w": torch.ones(3)}, ckpt)

@@ -15,8 +15,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ofa_lib import grid as G
 from ofa_lib import locks
+from ofa_lib.grid import cli as grid_cli
+from ofa_lib.grid import execute as grid_execute
+from ofa_lib.grid import local as grid_local
+from ofa_lib.grid import slurm as grid_slurm
+from ofa_lib.grid import spec as grid_spec
+from ofa_lib.grid import state as grid_state
+from ofa_lib.grid import status as grid_status
 from ofa_lib.paths import REPO_ROOT
 
 SMOKE = REPO_ROOT / "params" / "grids" / "smoke.yaml"
@@ -72,8 +78,8 @@ def write_grid(tmp_path: Path, **changes) -> Path:
 ])
 def test_invalid_grids_name_the_field(tmp_path, changes, match):
     path = write_grid(tmp_path, **changes)
-    with pytest.raises(G.GridError, match=match) as info:
-        G.load_grid(path)
+    with pytest.raises(grid_spec.GridError, match=match) as info:
+        grid_spec.load_grid(path)
     assert str(path) in str(info.value)
 
 
@@ -92,35 +98,35 @@ def test_duplicate_keys_and_malformed_resources_are_named(tmp_path, text, match)
         text = ""
     path = tmp_path / "g.yaml"
     path.write_text(yaml.safe_dump(spec) + grid_block + text)
-    with pytest.raises(G.GridError, match=match) as info:
-        G.load_grid(path)
+    with pytest.raises(grid_spec.GridError, match=match) as info:
+        grid_spec.load_grid(path)
     assert str(path) in str(info.value)
 
 
 def test_missing_grid_file_lists_known_grids():
-    with pytest.raises(G.GridError, match=r"not found .*'demo'.*'smoke'"):
-        G.load_grid("no_such_grid")
+    with pytest.raises(grid_spec.GridError, match=r"not found .*'demo'.*'smoke'"):
+        grid_spec.load_grid("no_such_grid")
 
 
 def test_plan_head_first_and_its_head_file_in_every_grid_run(tmp_outputs):
-    grid = G.load_grid("smoke")
+    grid = grid_spec.load_grid("smoke")
     assert [r.role for r in grid.runs] == ["head", "grid", "grid"]
     head = grid.runs[0]
     assert head.cfg.head == "train" and head.root == grid.runs_root / "head"
     for run in grid.runs[1:]:
         assert run.cfg.head == str(head.dir.resolve() / "head.safetensors") == run.params["head"]
     assert {r.cfg.lr for r in grid.runs[1:]} == {1e-4, 3e-4}
-    assert G.load_grid(SMOKE).runs[1].run_id == grid.runs[1].run_id  # stable ids
-    table = G.plan_table(grid, with_scheduler=False)
+    assert grid_spec.load_grid(SMOKE).runs[1].run_id == grid.runs[1].run_id  # stable ids
+    table = grid_status.plan_table(grid, with_scheduler=False)
     assert list(table.state) == ["todo"] * 3
 
 
 def test_the_estimate_counts_every_merge_method_03_evaluates(tmp_outputs):
     """`grid plan --estimate` counts 03's evaluations as plan_pass lists them: each non-uniform method adds
     one merge per distinct member set of its method_variants (a greedy soup adds none)."""
-    from ofa_lib import cost
+    from ofa_lib.grid import cost
 
-    grid = G.load_grid("demo")
+    grid = grid_spec.load_grid("demo")
     step = next(s for s in grid.pipeline if s.notebook == "03_average.ipynb")
 
     def count(**params):
@@ -138,10 +144,10 @@ def test_run_ids_do_not_depend_on_where_outputs_is(tmp_path, monkeypatch):
     ids = []
     for where in ("a", "b/c"):
         monkeypatch.setenv("OFA_OUTPUTS", str(tmp_path / where))
-        ids.append([r.run_id for r in G.load_grid("smoke").runs])
+        ids.append([r.run_id for r in grid_spec.load_grid("smoke").runs])
     assert ids[0] == ids[1] and len(set(ids[0])) == 3
-    head = G.load_grid("smoke").runs[1].cfg
-    assert head.identity()["head"] == "run:" + G.load_grid("smoke").runs[0].run_id
+    head = grid_spec.load_grid("smoke").runs[1].cfg
+    assert head.identity()["head"] == "run:" + grid_spec.load_grid("smoke").runs[0].run_id
     assert head.canonical()["head"] == head.head  # the manifest keeps the real path
 
 
@@ -151,7 +157,7 @@ def test_runs_no_longer_in_the_grid_are_set_aside_and_come_back(tmp_path, tmp_ou
     from ofa_lib import results
 
     path = write_grid(tmp_path, grid={"lr": [1e-4]})
-    grid = G.load_grid(path)
+    grid = grid_spec.load_grid(path)
     kept, stale = grid.runs[1].run_id, f"{grid.task}-0123456789ab"
     for run_id in (kept, stale):
         (grid.runs_root / run_id).mkdir(parents=True)
@@ -163,29 +169,29 @@ def test_runs_no_longer_in_the_grid_are_set_aside_and_come_back(tmp_path, tmp_ou
         dict(row, run_id="acc_avg:last:r=2:sampling=0", kind="average", name="acc_avg:last:r=2:sampling=0",
              members=f"{kept},{stale}"),
         dict(row, run_id="acc_avg:last:r=1:sampling=0", kind="average", name="acc_avg:last:r=1:sampling=0", members=kept)]))
-    assert G.set_aside_stale_runs(grid) == [stale]
+    assert grid_state.set_aside_stale_runs(grid) == [stale]
     assert (grid.runs_root / ".stale" / stale / "manifest.json").is_file()
     assert (grid.runs_root / kept).is_dir()
     left = results.read(grid.results_path)
     assert sorted(left.name) == ["acc_avg:last:r=1:sampling=0", "last"] and stale not in set(left.run_id)
     # the grid file grows back: the folder returns instead of being retrained
-    wider = G.load_grid(write_grid(tmp_path, grid={"lr": [1e-4, 3e-4]}))
+    wider = grid_spec.load_grid(write_grid(tmp_path, grid={"lr": [1e-4, 3e-4]}))
     back = wider.runs[2].run_id
     (grid.runs_root / ".stale" / back).mkdir()
-    assert G.set_aside_stale_runs(wider) == [] and (wider.runs_root / back).is_dir()
+    assert grid_state.set_aside_stale_runs(wider) == [] and (wider.runs_root / back).is_dir()
 
 
 def test_a_list_of_products_is_their_union(tmp_path, tmp_outputs):
-    grid = G.load_grid(write_grid(tmp_path, grid=[{"lr": [1e-4, 3e-4], "seed": [1]}, {"lr": [2e-4], "seed": [2, 3]}]))
+    grid = grid_spec.load_grid(write_grid(tmp_path, grid=[{"lr": [1e-4, 3e-4], "seed": [1]}, {"lr": [2e-4], "seed": [2, 3]}]))
     points = [(r.cfg.lr, r.cfg.seed) for r in grid.runs if r.role == "grid"]
     assert points == [(1e-4, 1), (3e-4, 1), (2e-4, 2), (2e-4, 3)]
     assert grid.axes == {"lr": [1e-4, 3e-4, 2e-4], "seed": [1, 2, 3]}
-    assert list(G.plan_table(grid, with_scheduler=False).columns[2:4]) == ["lr", "seed"]
+    assert list(grid_status.plan_table(grid, with_scheduler=False).columns[2:4]) == ["lr", "seed"]
 
 
 def test_paper_grids_are_the_published_63_runs(tmp_outputs):
     for name, head in (("paper_nli", True), ("paper_ner", False), ("paper_tydiqa", True)):
-        grid = G.load_grid(name)
+        grid = grid_spec.load_grid(name)
         runs = [r for r in grid.runs if r.role == "grid"]
         assert len(runs) == 63 and len({r.run_id for r in runs}) == 63
         assert {r.cfg.model_name for r in runs} == {"xlm-roberta-large"}
@@ -247,7 +253,7 @@ def _dry_run(tmp_path, **slurm):
     res = {"slurm": dict({"gpus_per_run": 1, "cpus_per_task": 4, "mem": "32G", "time": "04:00:00"}, **slurm)}
     spec = {"pipeline": [{"notebook": "03_average.ipynb", "parameters": {"r_max": 2, "n_samplings": 2}},
                          {"notebook": "04_analysis.ipynb", "html": "report.html"}], "resources": res}
-    grid = G.load_grid(write_grid(tmp_path, **spec))
+    grid = grid_spec.load_grid(write_grid(tmp_path, **spec))
     proc = subprocess.run([sys.executable, "-m", "ofa_lib.grid", "run", str(grid.path), "--backend", "slurm", "--dry-run"],
                           cwd=REPO_ROOT, capture_output=True, text=True, env=dict(os.environ, PATH="/usr/bin:/bin"))
     assert proc.returncode == 0, proc.stderr
@@ -258,7 +264,7 @@ def _dry_run(tmp_path, **slurm):
 def test_dry_run_writes_the_scripts_a_submission_would_and_submits_nothing(tmp_outputs, tmp_path):
     grid, scripts, out = _dry_run(tmp_path, account="proj1", qos="normal", setup=["source .venv/bin/activate"],
                                   extra_args=["--constraint=a100"])
-    assert "nothing submitted" in out and not G.submissions(grid)  # PATH has no sbatch: nothing was called
+    assert "nothing submitted" in out and not grid_slurm.submissions(grid)  # PATH has no sbatch: nothing was called
     assert set(scripts) == {"head.sh", "array.sh", "step_03_average.sh", "step_04_analysis.sh"}
     assert all(str(grid.state_dir / "slurm") in line for line in out.splitlines() if line.strip().endswith(".sh"))
     for name, text in scripts.items():  # account, qos and extra args on every job; setup after cd
@@ -276,11 +282,11 @@ def test_dry_run_writes_the_scripts_a_submission_would_and_submits_nothing(tmp_o
 
 
 def test_a_step_s_own_resources_win(tmp_outputs, tmp_path):
-    grid = G.load_grid(write_grid(tmp_path, pipeline=[
+    grid = grid_spec.load_grid(write_grid(tmp_path, pipeline=[
         {"notebook": "03_average.ipynb", "resources": {"gpus": 2, "time": "1-00:00:00"}}, {"notebook": "04_analysis.ipynb"}]))
-    assert G.step_resources(grid, grid.pipeline[0])["gpus"] == 2
-    assert G.step_resources(grid, grid.pipeline[0])["time"] == "1-00:00:00"
-    assert G.step_resources(grid, grid.pipeline[1]) == {"gpus": 0, "cpus": 1, "mem": "1G", "time": "02:00:00"}  # smoke: 1G
+    assert grid_spec.step_resources(grid, grid.pipeline[0])["gpus"] == 2
+    assert grid_spec.step_resources(grid, grid.pipeline[0])["time"] == "1-00:00:00"
+    assert grid_spec.step_resources(grid, grid.pipeline[1]) == {"gpus": 0, "cpus": 1, "mem": "1G", "time": "02:00:00"}  # smoke: 1G
 
 
 def test_a_half_failed_submission_cancels_what_it_queued(tmp_outputs, tmp_path, monkeypatch):
@@ -295,11 +301,11 @@ def test_a_half_failed_submission_cancels_what_it_queued(tmp_outputs, tmp_path, 
     for f in bin_dir.iterdir():
         f.chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
-    grid = G.load_grid("smoke")
-    with pytest.raises(G.GridError, match=r"half-way.*Invalid account.*cancelled the 1 job\(s\).*777"):
-        G.submit_slurm(grid)
+    grid = grid_spec.load_grid("smoke")
+    with pytest.raises(grid_spec.GridError, match=r"half-way.*Invalid account.*cancelled the 1 job\(s\).*777"):
+        grid_slurm.submit_slurm(grid)
     assert calls.read_text().splitlines()[-1] == "scancel 777"
-    (record,) = G.submissions(grid)
+    (record,) = grid_slurm.submissions(grid)
     assert record["cancelled"] == ["777"] and "Invalid account" in record["error"] and record["runs"] == {}
 
 
@@ -308,11 +314,11 @@ def test_a_half_failed_submission_cancels_what_it_queued(tmp_outputs, tmp_path, 
 def test_failed_runs_are_recorded_and_the_rest_continue(tmp_outputs, tmp_path):
     path = write_grid(tmp_path, head_tuning=None, train={"device": "cuda", "head": "init:0"},
                       grid={"lr": [1e-4, 3e-4], "batch_size": [8], "seed": [1]})
-    grid = G.load_grid(path)
-    assert G.run(grid) == 1
+    grid = grid_spec.load_grid(path)
+    assert grid_cli.run(grid) == 1
     for run in grid.runs:  # both attempted: the second ran after the first failed
-        assert G.run_state(grid, run) == "failed"
-        record = json.loads(G.failure_path(run).read_text())
+        assert grid_state.run_state(grid, run) == "failed"
+        record = json.loads(grid_state.failure_path(run).read_text())
         assert "CUDA" in record["error"] or "cuda" in record["error"]
         assert record["params"]["lr"] == run.cfg.lr
         failed_nb = json.loads(Path(record["notebook"]).read_text())
@@ -320,8 +326,8 @@ def test_failed_runs_are_recorded_and_the_rest_continue(tmp_outputs, tmp_path):
     assert not (grid.reports_dir / "report.html").exists()
     summary = json.loads((grid.reports_dir / "grid_summary.json").read_text())
     assert summary["invocations"][-1]["failed"] == 2
-    assert G.run(grid) == 1 and all(G.run_state(grid, r) == "failed" for r in grid.runs)  # left as they are
-    assert G.retry_failed(grid) == 1  # retried (and fails again); the first record is kept aside
+    assert grid_cli.run(grid) == 1 and all(grid_state.run_state(grid, r) == "failed" for r in grid.runs)  # left as they are
+    assert grid_cli.retry_failed(grid) == 1  # retried (and fails again); the first record is kept aside
     assert len(list(grid.runs[0].dir.glob("failure.*.json"))) == 1
 
 
@@ -329,7 +335,7 @@ def test_failed_runs_are_recorded_and_the_rest_continue(tmp_outputs, tmp_path):
 def test_local_grid_killed_with_sigkill_resumes_to_the_same_report(tmp_outputs):
     """Kill the runner (SIGKILL, main process only) during a grid run's training: its pool worker and
     kernel die with it; nothing looks done that is not; a re-run trains only what is missing."""
-    grid = G.load_grid("smoke")
+    grid = grid_spec.load_grid("smoke")
     env = dict(os.environ, OFA_OUTPUTS=str(tmp_outputs))
     proc = subprocess.Popen([sys.executable, "-m", "ofa_lib.grid", "run", "smoke"], env=env, cwd=REPO_ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -342,14 +348,14 @@ def test_local_grid_killed_with_sigkill_resumes_to_the_same_report(tmp_outputs):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     time.sleep(3)  # the worker (PR_SET_PDEATHSIG) and the kernel (parent poller) follow
-    assert G.run_state(grid, grid.runs[0]) == "done"
-    assert G.run_state(grid, victim) == "todo"  # its lock is stale, its manifest says running
+    assert grid_state.run_state(grid, grid.runs[0]) == "done"
+    assert grid_state.run_state(grid, victim) == "todo"  # its lock is stale, its manifest says running
     assert json.loads((victim.dir / "manifest.json").read_text())["status"] == "running"
     assert not (grid.reports_dir / "report.html").exists()
     head_mtime = (grid.runs[0].dir / "manifest.json").stat().st_mtime
 
-    assert G.run(grid) == 0
-    assert all(G.run_state(grid, r) == "done" for r in grid.runs)
+    assert grid_cli.run(grid) == 0
+    assert all(grid_state.run_state(grid, r) == "done" for r in grid.runs)
     assert (grid.runs[0].dir / "manifest.json").stat().st_mtime == head_mtime  # not trained again
     html = (grid.reports_dir / "report.html").read_text()
     assert "Table 1" in html and "<script src=" not in html
@@ -400,20 +406,20 @@ def test_a_stopped_kernel_is_given_up_and_the_grid_goes_on(tmp_outputs, tmp_path
     path = write_grid(tmp_path, head_tuning=None, train={"head": "init:0"},
                       grid={"lr": [1e-4, 3e-4], "batch_size": [8], "seed": [1]},
                       resources={"workers": 1, "stall_timeout": stall})
-    grid = G.load_grid(path)
+    grid = grid_spec.load_grid(path)
     victim, other = grid.runs
     stopped: dict = {}
     watcher = threading.Thread(target=_stop_kernel_at_step, args=(victim.dir, 2, stopped), daemon=True)
     watcher.start()
-    assert G.run(grid) == 1
+    assert grid_cli.run(grid) == 1
     ended = time.time()
     watcher.join(1)
     assert stopped, "the victim's kernel was never stopped"
-    record = json.loads(G.failure_path(victim).read_text())
+    record = json.loads(grid_state.failure_path(victim).read_text())
     assert re.fullmatch(rf"stalled: no progress for \d+ s at step {stopped['step']} \((training|scoring snapshot \d+/\d+)\) "
                         rf"\(resources.stall_timeout={stall}\)", record["error"]), record["error"]
-    assert G.run_state(grid, victim) == "failed" and locks.holder(G.lock_path(grid, victim)) is None
-    assert G.run_state(grid, other) == "done"
+    assert grid_state.run_state(grid, victim) == "failed" and locks.holder(grid_state.lock_path(grid, victim)) is None
+    assert grid_state.run_state(grid, other) == "done"
     state = Path(f"/proc/{stopped['pid']}/stat")
     assert not state.exists() or state.read_text().rsplit(")", 1)[1].split()[0] == "Z"  # the kernel is dead
     print(f"stopped at step {stopped['step']}; given up and the grid finished {ended - stopped['at']:.0f} s later")
@@ -421,18 +427,18 @@ def test_a_stopped_kernel_is_given_up_and_the_grid_goes_on(tmp_outputs, tmp_path
 
 def test_timeouts_are_validated(tmp_path):
     for value in (0, -5, "an hour", True):
-        with pytest.raises(G.GridError, match=r"resources.stall_timeout: .*positive number of seconds"):
-            G.load_grid(write_grid(tmp_path, resources={"stall_timeout": value}))
-    grid = G.load_grid(write_grid(tmp_path, resources={"stall_timeout": None, "run_timeout": 3600}))
+        with pytest.raises(grid_spec.GridError, match=r"resources.stall_timeout: .*positive number of seconds"):
+            grid_spec.load_grid(write_grid(tmp_path, resources={"stall_timeout": value}))
+    grid = grid_spec.load_grid(write_grid(tmp_path, resources={"stall_timeout": None, "run_timeout": 3600}))
     assert grid.stall_timeout is None and grid.run_timeout == 3600.0
-    assert G.load_grid(SMOKE).stall_timeout == G.STALL_TIMEOUT_S
+    assert grid_spec.load_grid(SMOKE).stall_timeout == grid_spec.STALL_TIMEOUT_S
 
 
 def test_a_pipeline_notebook_past_its_run_timeout_is_killed_and_named(tmp_path):
     out = tmp_path / "reports" / "03_average.ipynb"
     start = time.time()
-    with pytest.raises(G.Stalled, match=r"03_average.ipynb: timed out: still running after \d+ s .*run_timeout=0.5"):
-        G.execute_notebook("03_average.ipynb", out, {"task": "sib", "runs_root": str(tmp_path / "none")},
+    with pytest.raises(grid_execute.Stalled, match=r"03_average.ipynb: timed out: still running after \d+ s .*run_timeout=0.5"):
+        grid_execute.execute_notebook("03_average.ipynb", out, {"task": "sib", "runs_root": str(tmp_path / "none")},
                            run_timeout=0.5)
     assert time.time() - start < 60
     assert (out.parent / "03_average.failed.ipynb").is_file() and not list(out.parent.glob(".*"))
@@ -440,10 +446,10 @@ def test_a_pipeline_notebook_past_its_run_timeout_is_killed_and_named(tmp_path):
 
 def test_report_steps_take_a_lock(tmp_outputs, capsys):
     """A second runner reaching the report while another makes it does not run the pipeline again."""
-    grid = G.load_grid("smoke")
+    grid = grid_spec.load_grid("smoke")
     held = locks.acquire(grid.state_dir / "locks" / "report.lock")
     try:
-        assert G.report(grid, partial=True) == []
+        assert grid_execute.report(grid, partial=True) == []
     finally:
         held.release()
     assert "being made by another runner" in capsys.readouterr().out
@@ -452,28 +458,28 @@ def test_report_steps_take_a_lock(tmp_outputs, capsys):
 
 def test_temp_notebooks_are_unique_per_process_and_litter_is_cleaned(tmp_path):
     out = tmp_path / "run" / "02_train.ipynb"
-    mine = G.temp_notebook(out)
+    mine = grid_execute.temp_notebook(out)
     assert str(os.getpid()) in mine.name and mine.name.startswith(".02_train.") and mine.name.endswith(".tmp.ipynb")
     out.parent.mkdir()
     litter = [out.with_name(".02_train.tmp.ipynb"), out.with_name(".02_train.otherhost-123.tmp.ipynb"),
               out.with_name(".02_train.123.progress.json")]
     for path in litter + [out.with_name("02_train.failed.ipynb")]:
         path.write_text("{}")
-    assert sorted(G.clean_temp_notebooks(out)) == sorted(litter)
+    assert sorted(grid_execute.clean_temp_notebooks(out)) == sorted(litter)
     assert [p.name for p in out.parent.iterdir()] == ["02_train.failed.ipynb"]
 
 
 def test_a_runner_does_not_wait_forever_for_a_stuck_one(tmp_path, tmp_outputs, capsys):
     """Another runner holds a run (a live lock) but its kernel proves no progress: after twice
     stall_timeout the waiting runner goes on instead of waiting with it."""
-    grid = G.load_grid(write_grid(tmp_path, head_tuning=None, train={"head": "init:0"}, resources={"stall_timeout": 1}))
+    grid = grid_spec.load_grid(write_grid(tmp_path, head_tuning=None, train={"head": "init:0"}, resources={"stall_timeout": 1}))
     run = grid.runs[0]
-    held = locks.acquire(G.lock_path(grid, run))  # live: this process holds it
+    held = locks.acquire(grid_state.lock_path(grid, run))  # live: this process holds it
     run.dir.mkdir(parents=True)
     (run.dir / ".02_train.999.progress.json").write_text('{"step": 3}')
     start = time.time()
     try:
-        G._wait_for_live_locks(grid, [run], poll_s=0.2)
+        grid_state._wait_for_live_locks(grid, [run], poll_s=0.2)
     finally:
         held.release()
     assert time.time() - start < 10 and "not waiting for it" in capsys.readouterr().out
@@ -481,17 +487,17 @@ def test_a_runner_does_not_wait_forever_for_a_stuck_one(tmp_path, tmp_outputs, c
 
 def test_the_grid_bar_shows_what_running_runs_report(tmp_path, tmp_outputs):
     """The local runner's bar names each running run's step of its total (its kernel's progress beats)."""
-    grid = G.load_grid(write_grid(tmp_path, head_tuning=None, train={"head": "init:0"}))
+    grid = grid_spec.load_grid(write_grid(tmp_path, head_tuning=None, train={"head": "init:0"}))
     started, waiting = grid.runs[0], grid.runs[1]
     started.dir.mkdir(parents=True)
     (started.dir / ".02_train.999.progress.json").write_text(
         json.dumps({"pid": 1, "step": 34, "total": 88, "what": "training", "time": time.time()}))
-    assert G.running_progress([started, waiting]) == f"{started.label}: step 34/88 (training)"
+    assert grid_local.running_progress([started, waiting]) == f"{started.label}: step 34/88 (training)"
     waiting.dir.mkdir(parents=True)
     (waiting.dir / ".02_train.vm-1.tmp.ipynb").write_text("{}")  # its kernel is starting: no beat yet
-    assert G.running_progress([waiting]) == f"{waiting.label}: starting"
+    assert grid_local.running_progress([waiting]) == f"{waiting.label}: starting"
     (started.dir / ".02_train.999.progress.json").write_text(json.dumps({"pid": 1, "step": None, "what": "featurizing"}))
-    assert G.running_progress([started]).endswith("featurizing")
+    assert grid_local.running_progress([started]).endswith("featurizing")
 
 
 def test_progress_beats_carry_the_total_for_the_runner(tmp_path, monkeypatch):
@@ -509,7 +515,7 @@ def test_progress_beats_carry_the_total_for_the_runner(tmp_path, monkeypatch):
 def test_sigterm_stops_a_local_grid_gracefully_and_the_rerun_finishes_it(tmp_outputs):
     """SIGTERM to `grid run` during a run's training: within 60 s the runner exits (130) with that run's resume
     state written and its lock released, no kernel left; the re-run resumes it and trains nothing twice."""
-    grid = G.load_grid("smoke")
+    grid = grid_spec.load_grid("smoke")
     env = dict(os.environ, OFA_OUTPUTS=str(tmp_outputs))
     proc = subprocess.Popen([sys.executable, "-m", "ofa_lib.grid", "run", "smoke"], env=env, cwd=REPO_ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -519,7 +525,7 @@ def test_sigterm_stops_a_local_grid_gracefully_and_the_rerun_finishes_it(tmp_out
         assert proc.poll() is None, "the grid finished before it could be stopped"
         assert time.time() < deadline
         time.sleep(0.2)
-    children = G._children(proc.pid)
+    children = grid_execute._children(proc.pid)
     proc.send_signal(signal.SIGTERM)
     t0 = time.time()
     out, _ = proc.communicate(timeout=90)
@@ -534,13 +540,13 @@ def test_sigterm_stops_a_local_grid_gracefully_and_the_rerun_finishes_it(tmp_out
     while alive() and time.time() < t0 + 60:  # workers and kernels are gone within the 60 s of the stop
         time.sleep(0.5)
     assert not alive(), alive()
-    assert locks.holder(G.lock_path(grid, victim)) is None and not G.failure_path(victim).exists()
+    assert locks.holder(grid_state.lock_path(grid, victim)) is None and not grid_state.failure_path(victim).exists()
     manifest = json.loads((victim.dir / "manifest.json").read_text())
     assert manifest["status"] == "interrupted" and "SIGTERM" in manifest["error"]
-    assert G.run_state(grid, victim) == "todo" and (victim.dir / "resume").exists()
+    assert grid_state.run_state(grid, victim) == "todo" and (victim.dir / "resume").exists()
     head_mtime = (grid.runs[0].dir / "manifest.json").stat().st_mtime
 
-    assert G.run(grid) == 0
-    assert all(G.run_state(grid, r) == "done" for r in grid.runs)
+    assert grid_cli.run(grid) == 0
+    assert all(grid_state.run_state(grid, r) == "done" for r in grid.runs)
     assert (grid.runs[0].dir / "manifest.json").stat().st_mtime == head_mtime
     assert "resuming run" in (victim.dir / "02_train.ipynb").read_text()

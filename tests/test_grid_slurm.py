@@ -13,8 +13,12 @@ import time
 
 import pytest
 
-from ofa_lib import grid as G
 from ofa_lib import slurm_cluster
+from ofa_lib.grid import cli as grid_cli
+from ofa_lib.grid import slurm as grid_slurm
+from ofa_lib.grid import spec as grid_spec
+from ofa_lib.grid import state as grid_state
+from ofa_lib.grid import status as grid_status
 from ofa_lib.paths import REPO_ROOT
 
 
@@ -28,15 +32,15 @@ def slurm(tmp_path, monkeypatch):
 
 
 def test_smoke_grid_runs_as_a_slurm_job_array(slurm, tmp_outputs):
-    grid = G.load_grid("smoke")
+    grid = grid_spec.load_grid("smoke")
     start = time.time()
-    assert G.run(grid, backend="slurm", wait=True) == 0
+    assert grid_cli.run(grid, backend="slurm", wait=True) == 0
     seconds = time.time() - start
 
-    record = G.submissions(grid)[-1]
+    record = grid_slurm.submissions(grid)[-1]
     assert record["head_job"] and record["array_job"] and record["report_job"]
     for run in grid.runs:
-        assert G.run_state(grid, run) == "done", (run.run_id, list(run.dir.glob("*")))
+        assert grid_state.run_state(grid, run) == "done", (run.run_id, list(run.dir.glob("*")))
         manifest = json.loads((run.dir / "manifest.json").read_text())
         assert manifest["environment"]["slurm_job_id"] == record["runs"][run.run_id]  # job id in the manifest
     array = slurm_cluster.job_states(slurm, record["array_job"])
@@ -53,29 +57,29 @@ def test_smoke_grid_runs_as_a_slurm_job_array(slurm, tmp_outputs):
     for job in steps.values():
         assert slurm_cluster.job_states(slurm, job) == {job: "COMPLETED"}
     # a second submission has nothing to train: only the pipeline jobs (cancelled: they would repeat the report)
-    again = G.submit_slurm(grid)
+    again = grid_slurm.submit_slurm(grid)
     assert again["head_job"] is None and again["array_job"] is None and again["report_job"]
-    assert set(G.squeue(list(again["step_jobs"].values()))) == set(again["step_jobs"].values())
+    assert set(grid_slurm.squeue(list(again["step_jobs"].values()))) == set(again["step_jobs"].values())
     slurm.run("scancel", *again["step_jobs"].values())
     print(f"smoke grid on SLURM: {seconds:.0f} s")
 
 
 def test_slurm_status_reads_the_scheduler(slurm, tmp_outputs):
     """A submitted run shows the scheduler's state (queued/running) and its job id before it is done."""
-    grid = G.load_grid("smoke")
+    grid = grid_spec.load_grid("smoke")
     slurm.run("scontrol", "update", f"NodeName={slurm.node}", "State=DRAIN", "Reason=test")  # nothing can start
-    record = G.submit_slurm(grid)
-    table = G.plan_table(grid)
+    record = grid_slurm.submit_slurm(grid)
+    table = grid_status.plan_table(grid)
     head = grid.runs[0]
     assert table.set_index("run_id").loc[head.run_id, "state"] == "queued"
     assert table.set_index("run_id").loc[head.run_id, "job"] == record["head_job"]
     ids = [record[k] for k in ("head_job", "array_job")] + list(record["step_jobs"].values())
     slurm.run("scancel", *ids)
     deadline = time.time() + 30
-    while G.squeue(ids) and time.time() < deadline:
+    while grid_slurm.squeue(ids) and time.time() < deadline:
         time.sleep(0.5)
-    assert not G.squeue(ids)
-    assert set(G.plan_table(grid).state) == {"todo"}
+    assert not grid_slurm.squeue(ids)
+    assert set(grid_status.plan_table(grid).state) == {"todo"}
 
 
 def _grid_file(tmp_path, **changes):
@@ -85,27 +89,27 @@ def _grid_file(tmp_path, **changes):
     spec.update(changes)
     path = tmp_path / "g.yaml"
     path.write_text(yaml.safe_dump(spec))
-    return G.load_grid(path)
+    return grid_spec.load_grid(path)
 
 
 def _wait_gone(ids, timeout_s=120):
     deadline = time.time() + timeout_s
-    while G.squeue(ids) and time.time() < deadline:
+    while grid_slurm.squeue(ids) and time.time() < deadline:
         time.sleep(0.5)
-    assert not G.squeue(ids), G.squeue(ids)
+    assert not grid_slurm.squeue(ids), grid_slurm.squeue(ids)
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA to make the head fail")
 def test_a_failed_head_job_cancels_its_dependents_and_status_says_why(slurm, tmp_outputs, tmp_path):
     grid = _grid_file(tmp_path, train={"top_k": 2, "device": "cuda"})  # fails in the first cell: no CUDA here
-    record = G.submit_slurm(grid)
+    record = grid_slurm.submit_slurm(grid)
     ids = [record["head_job"], record["array_job"], *record["step_jobs"].values()]
     _wait_gone(ids)
     assert slurm_cluster.job_states(slurm, record["head_job"]) == {record["head_job"]: "FAILED"}
     assert set(slurm_cluster.job_states(slurm, record["array_job"]).values()) == {"CANCELLED"}
     for job in record["step_jobs"].values():
         assert slurm_cluster.job_states(slurm, job) == {job: "CANCELLED"}
-    table = G.plan_table(grid).set_index("run_id")
+    table = grid_status.plan_table(grid).set_index("run_id")
     head = grid.runs[0]
     assert table.loc[head.run_id, "state"] == "failed" and "DeviceError" in table.loc[head.run_id, "error"]
     for run in grid.runs[1:]:
@@ -121,39 +125,36 @@ def test_a_task_that_finds_its_run_held_is_reported_as_skipped(slurm, tmp_output
     (run,) = grid.runs
     # submitted while free (submission leaves out runs already held), then held by this live process before
     # the task has even imported the package
-    record = G.submit_slurm(grid)
-    held = locks.acquire(G.lock_path(grid, run))
+    record = grid_slurm.submit_slurm(grid)
+    held = locks.acquire(grid_state.lock_path(grid, run))
     try:
         _wait_gone([record["array_job"]])
         slurm.run("scancel", *record["step_jobs"].values())
-        row = G.plan_table(grid).set_index("run_id").loc[run.run_id]
+        row = grid_status.plan_table(grid).set_index("run_id").loc[run.run_id]
         assert row["state"] == "running"  # still held: the holder is alive
     finally:
         held.release()
-    row = G.plan_table(grid).set_index("run_id").loc[run.run_id]
+    row = grid_status.plan_table(grid).set_index("run_id").loc[run.run_id]
     assert row["state"] == "skipped" and f"pid {held.info['pid']}" in row["error"], row.to_dict()
     status = subprocess.run([sys.executable, "-m", "ofa_lib.grid", "status", str(grid.path)], cwd=REPO_ROOT,
                             capture_output=True, text=True, check=True).stdout
     assert "skipped" in status
 
 
-@pytest.mark.xfail(reason="issue 16, open: the metric difference (0.5 vs 0.4375) came from the reference's thread count "
-                   "(fixed below; resume itself is exact: tests/test_training.py's SIGTERM test); not yet seen passing on "
-                   "real SLURM: on a machine at load 10 the requeued task retrained without 'resuming run' (measured "
-                   "2026-12-02 04:49 UTC)", strict=False)
 def test_scontrol_requeue_of_a_running_task_resumes_from_its_state(slurm, tmp_outputs, tmp_path):
     """A running smoke task is requeued (as preemption does): SIGTERM reaches its training loop, which writes its
     resume state and stops; the requeued task resumes from that state and finishes with exactly the metrics of
     an uninterrupted run."""
     import pandas as pd
 
-    from ofa_lib import averaging, training
+    from ofa_lib.merge import averaging
+    from ofa_lib.train import training
 
     grid = _grid_file(tmp_path, head_tuning=None, grid={"lr": [1.0e-4], "batch_size": [8], "seed": [1]},
                       train={"top_k": 2, "head": "init:0", "epochs": 30, "num_snapshots": 3}, pipeline=[
                           {"notebook": "04_analysis.ipynb", "parameters": {"sampling_seeds": "all"}}])
     (run,) = grid.runs
-    record = G.submit_slurm(grid)
+    record = grid_slurm.submit_slurm(grid)
     task = record["runs"][run.run_id]
     deadline = time.time() + 240
     while time.time() < deadline:  # training has started once a snapshot's resume state or a device is recorded
@@ -165,10 +166,10 @@ def test_scontrol_requeue_of_a_running_task_resumes_from_its_state(slurm, tmp_ou
     time.sleep(3)
     slurm.run("scontrol", "requeue", task)
     _wait_gone([record["array_job"]], timeout_s=600)
-    assert G.run_state(grid, run) == "done", list(run.dir.iterdir())
+    assert grid_state.run_state(grid, run) == "done", list(run.dir.iterdir())
     notebook = (run.dir / "02_train.ipynb").read_text()
     assert "resuming run" in notebook  # the second start resumed, not retrained
-    assert not G.failure_path(run).exists()
+    assert not grid_state.failure_path(run).exists()
     slurm.run("scancel", *record["step_jobs"].values(), check=False)
 
     # the reference on the task's thread count (cpus_per_task): CPU kernels split their sums by thread, so a

@@ -20,8 +20,8 @@ import nbformat
 import pytest
 import yaml
 
-from ofa_lib import results as R
 from ofa_lib.paths import REPO_ROOT, data_dir
+from ofa_lib.results import released
 
 NOTEBOOK = "notebooks/04_analysis.ipynb"
 TOKEN = uuid.uuid4().hex
@@ -107,7 +107,7 @@ async def _run_cells(port: int, kernel_id: str, cells: list[str], timeout: float
 @pytest.mark.slow
 def test_analysis_notebook_runs_in_a_jupyter_server_kernel_from_notebooks(server, tmp_path):
     try:
-        if not (data_dir() / R.RELEASED_SUBDIR).is_dir():
+        if not (data_dir() / released.RELEASED_SUBDIR).is_dir():
             pytest.skip("released results not available")
     except FileNotFoundError as exc:
         pytest.skip(str(exc))

@@ -1,4 +1,4 @@
-"""ofa_lib.measures on small models with known answers; every measure restores the model exactly."""
+"""ofa_lib.train.measures on small models with known answers; every measure restores the model exactly."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from ofa_lib import measures as M
 from ofa_lib import models
+from ofa_lib.train import measures as M
 
 
 class Quadratic(torch.nn.Module):
@@ -101,7 +101,12 @@ def test_margin_without_labels_is_a_clear_error():
 
 
 def _tiny_bert(kind="seq"):
-    from transformers import BertConfig, BertForQuestionAnswering, BertForSequenceClassification, BertForTokenClassification
+    from transformers import (
+        BertConfig,
+        BertForQuestionAnswering,
+        BertForSequenceClassification,
+        BertForTokenClassification,
+    )
 
     torch.manual_seed(0)
     cfg = BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
@@ -192,7 +197,7 @@ def test_rank_correlations_known_answers():
     import numpy as np
     import pandas as pd
 
-    from ofa_lib import label_free
+    from ofa_lib.analysis import label_free
 
     x = np.arange(10.0)
     frame = pd.DataFrame({"margin_src": x, "frobenius": -x ** 3, "test": x / 10})
@@ -206,7 +211,8 @@ def test_rank_correlations_known_answers():
 def test_measure_selection_picks_the_right_run():
     import pandas as pd
 
-    from ofa_lib import label_free, selection
+    from ofa_lib.analysis import label_free
+    from ofa_lib.results import selection
 
     ids = ["a", "b", "c"]
     rt = pd.DataFrame({"run_id": ids, "lr": [1e-5, 2e-5, 3e-5], "batch_size": [32] * 3, "seed": [1] * 3})

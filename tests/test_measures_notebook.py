@@ -11,8 +11,9 @@ import pandas as pd
 import papermill
 import pytest
 
-from ofa_lib import config, measures, report, training
+from ofa_lib.analysis import report
 from ofa_lib.paths import REPO_ROOT
+from ofa_lib.train import config, measures, training
 
 NOTEBOOK = REPO_ROOT / "notebooks" / "05_measures.ipynb"
 RECORDED = ["margin_src", "frobenius"]  # the others are computed by the notebook

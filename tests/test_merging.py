@@ -13,8 +13,16 @@ import numpy as np
 import pytest
 import torch
 
-from ofa_lib import ckpt_io, crossrun, merging
-from ofa_lib.ckpt_io import CheckpointMismatchError, NonFiniteError, load_checkpoint, read_metadata, save_checkpoint
+from ofa_lib.merge import cli as merge_cli
+from ofa_lib.merge import crossrun, merging
+from ofa_lib.models import ckpt_io
+from ofa_lib.models.ckpt_io import (
+    CheckpointMismatchError,
+    NonFiniteError,
+    load_checkpoint,
+    read_metadata,
+    save_checkpoint,
+)
 
 FP = "cd" * 32  # a head fingerprint
 SHAPES = {"emb.weight": (37, 6), "layer.weight": (5, 4), "layer.bias": (5,), "head.weight": (3, 5)}
@@ -83,7 +91,7 @@ def test_task_arithmetic_and_ties_match_their_definitions(tmp_path, n):
 
 
 def test_uniform_is_todays_mean_bit_for_bit(tmp_path):
-    from ofa_lib import averaging
+    from ofa_lib.merge import averaging
 
     _, paths, _, thetas = _models(tmp_path, 3, dtype=torch.bfloat16)
     got = merging.merge_files(merging.make_spec("linear"), paths)  # the alias
@@ -200,7 +208,7 @@ def test_registry_specs_and_content_keys():
 def test_ofa_merge_command(tmp_path, capsys):
     base_file, paths, base, thetas = _models(tmp_path, 3)
     out = tmp_path / "out" / "ties.safetensors"
-    cmd = [sys.executable, "-m", "ofa_lib.merging", "--method", "ties", "--base", str(base_file), "--density", "0.5",
+    cmd = [sys.executable, "-m", "ofa_lib.merge.cli", "--method", "ties", "--base", str(base_file), "--density", "0.5",
            "--lambda", "0.8", "--out", str(out), *map(str, paths)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
@@ -219,19 +227,19 @@ def test_ofa_merge_command(tmp_path, capsys):
     # errors: exit status 2, the file named, nothing written
     save_checkpoint(dict(thetas[0], **{"layer.bias": torch.zeros(6)}), tmp_path / "wide.safetensors",
                     metadata={"ofa_head_fingerprint": FP})
-    code = merging.main(["--method", "uniform", "--out", str(tmp_path / "u.safetensors"), str(paths[0]),
+    code = merge_cli.main(["--method", "uniform", "--out", str(tmp_path / "u.safetensors"), str(paths[0]),
                          str(tmp_path / "wide.safetensors")])
     err = capsys.readouterr().err
     assert code == 2 and "wide.safetensors" in err and "layer.bias" in err
     assert not (tmp_path / "u.safetensors").exists()
-    assert merging.main(["--method", "uniform", "--density", "0.5", "--out", str(tmp_path / "u.safetensors"),
+    assert merge_cli.main(["--method", "uniform", "--density", "0.5", "--out", str(tmp_path / "u.safetensors"),
                          *map(str, paths)]) == 2  # an option the method does not take
 
 
 # --------------------------------------------------------------------------- fisher
 def _fishers(tmp: Path, paths: list[Path], spec, seed: int = 1, zero: str = "layer.bias") -> tuple[list[Path], list[dict]]:
     """A stored diagonal per input (random non-negative, some exact zeros; ``zero``: 0 in every input)."""
-    from ofa_lib import fisher
+    from ofa_lib.train import fisher
 
     gen = torch.Generator().manual_seed(seed)
     opts = fisher.diagonal_options(spec.opts)
@@ -278,7 +286,7 @@ def test_fisher_matches_the_weighted_mean_and_falls_back_to_uniform(tmp_path, mo
 
 
 def test_fisher_refuses_diagonals_of_other_checkpoints_or_options(tmp_path):
-    from ofa_lib import fisher
+    from ofa_lib.train import fisher
 
     _, paths, _, thetas = _models(tmp_path, 2)
     spec = merging.make_spec("fisher", {"examples": 8})
@@ -310,7 +318,7 @@ def test_ofa_merge_fisher(tmp_path, capsys):
     fpaths, fvals = _fishers(tmp_path, paths, spec)
     out = tmp_path / "fisher.safetensors"
     args = ["--method", "fisher", "--floor", "1e-9", "--out", str(out)]
-    assert merging.main(args + [a for f in fpaths for a in ("--fisher", str(f))] + [str(p) for p in paths]) == 0
+    assert merge_cli.main(args + [a for f in fpaths for a in ("--fisher", str(f))] + [str(p) for p in paths]) == 0
     got, ts = load_checkpoint(out), [_np(t) for t in thetas]
     for key in SHAPES:
         np.testing.assert_allclose(got[key].numpy(), ref_fisher([t[key] for t in ts], [f[key] for f in fvals], 1e-9),
@@ -319,8 +327,8 @@ def test_ofa_merge_fisher(tmp_path, capsys):
     assert meta[merging.METHOD_KEY] == "fisher(examples=8,floor=1e-09,labels='argmax',seed=0,split='dev')"
     assert [f["sha256"] for f in json.loads(meta[merging.FISHERS_KEY])] == [ckpt_io.file_sha256(f) for f in fpaths]
     capsys.readouterr()
-    assert merging.main(args + [str(p) for p in paths]) == 2 and "--fisher F once per input" in capsys.readouterr().err
-    assert merging.main(args + ["--fisher", str(fpaths[1]), "--fisher", str(fpaths[0]), str(paths[0]), str(paths[1])]) == 2
+    assert merge_cli.main(args + [str(p) for p in paths]) == 2 and "--fisher F once per input" in capsys.readouterr().err
+    assert merge_cli.main(args + ["--fisher", str(fpaths[1]), "--fisher", str(fpaths[0]), str(paths[0]), str(paths[1])]) == 2
     assert "computed for the checkpoint" in capsys.readouterr().err
-    assert merging.main(["--method", "uniform", "--fisher", str(fpaths[0]), "--out", str(tmp_path / "u.safetensors"),
+    assert merge_cli.main(["--method", "uniform", "--fisher", str(fpaths[0]), "--out", str(tmp_path / "u.safetensors"),
                          str(paths[0])]) == 2

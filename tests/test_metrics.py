@@ -8,8 +8,8 @@ import warnings
 
 import pytest
 
-from ofa_lib import metrics
-from ofa_lib.metrics import (
+from ofa_lib.train import metrics
+from ofa_lib.train.metrics import (
     AVAILABLE_METRICS,
     METRICS_BY_TASK,
     PRIMARY_METRIC,

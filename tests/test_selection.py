@@ -10,19 +10,20 @@ import pandas as pd
 import pytest
 
 from ofa_lib import results as R
-from ofa_lib import selection as S
 from ofa_lib.paths import data_dir
+from ofa_lib.results import released as RR
+from ofa_lib.results import selection as S
 
 
 @pytest.fixture(scope="module")
 def released():
     try:
-        path = data_dir() / R.RELEASED_SUBDIR
+        path = data_dir() / RR.RELEASED_SUBDIR
     except FileNotFoundError as exc:
         pytest.skip(str(exc))
     if not path.is_dir():
         pytest.skip(f"released results not found at {path}")
-    return {t: S.CrossRunData.from_released(R.import_released(t)) for t in ("nli", "tydiqa", "ner")}
+    return {t: S.CrossRunData.from_released(RR.import_released(t)) for t in ("nli", "tydiqa", "ner")}
 
 
 def _grid_table(n_lr=7, n_bs=3, n_seed=3):
@@ -149,7 +150,7 @@ def test_table2_and_table3(released):
 def test_tidy_route_equals_released_route(released):
     """The same tables come out of the tidy rows as out of the released wide tables."""
     for task in ("nli", "tydiqa", "ner"):
-        tidy = R.import_released(task).to_tidy()
+        tidy = RR.import_released(task).to_tidy()
         via_tidy = S.CrossRunData.from_tidy(tidy, task)
         for f in (S.table1, S.table2):
             pd.testing.assert_frame_equal(f(via_tidy), f(released[task]))

@@ -2,7 +2,10 @@
 
 import pytest
 
-from ofa_lib import config, data, features, hub, metrics, models, report, results, tasks
+from ofa_lib import data, models, results, tasks
+from ofa_lib.analysis import report
+from ofa_lib.data import features, hub
+from ofa_lib.train import config, metrics
 
 
 @pytest.mark.parametrize("name", tasks.NAMES)
@@ -40,9 +43,9 @@ def test_an_unknown_task_is_named_with_the_known_ones():
 
 
 def test_the_sentiment_grid_plans(tmp_outputs):
-    from ofa_lib import grid as G
+    from ofa_lib.grid import spec as grid_spec
 
-    grid = G.load_grid("smoke_sentiment")
+    grid = grid_spec.load_grid("smoke_sentiment")
     assert {r.cfg.task for r in grid.runs} == {"sentiment"} and len(grid.runs) == 2
 
 
@@ -51,7 +54,7 @@ def test_sentiment_trains_and_scores_its_targets(tmp_outputs):
     """The task added through the registry trains end to end (smoke size) and scores every target language."""
     import pandas as pd
 
-    from ofa_lib import training
+    from ofa_lib.train import training
 
     run_dir = training.run_training(config.make_config("sentiment", "smoke"), progress=False)
     rows = pd.read_parquet(run_dir / "metrics.parquet")

@@ -9,7 +9,7 @@ import pandas as pd
 import papermill
 import pytest
 
-from ofa_lib.config import TASKS
+from ofa_lib.train.config import TASKS
 
 
 @pytest.mark.parametrize("task", TASKS)

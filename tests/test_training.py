@@ -17,8 +17,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ofa_lib import averaging, config, io, training
-from ofa_lib.config import ConfigError
+from ofa_lib import io
+from ofa_lib.merge import averaging
+from ofa_lib.train import config, training
+from ofa_lib.train.config import ConfigError
 
 
 def smoke(**params) -> config.TrainConfig:
@@ -228,7 +230,7 @@ def test_a_signal_writes_one_resume_file_between_snapshots_and_the_rerun_resumes
     file, marked interrupted, not failed; the re-run resumes there and ends bit for bit as the uninterrupted
     run: every metric and every tensor of every checkpoint (file bytes are not compared: safetensors writes its
     metadata in a per-process order). Both runs use this process's thread count (exact only at equal counts)."""
-    from ofa_lib import optim
+    from ofa_lib.train import optim
 
     cfg, out, _ = finished
     real, calls = optim.train_step, []
@@ -291,7 +293,7 @@ def test_head_file_that_does_not_fit_is_refused(tmp_path):
 def test_sigkill_leaves_no_corrupt_checkpoint(tmp_path):
     """Kill a training process at random points; every checkpoint left must load whole."""
     code = (
-        "from ofa_lib import config, training\n"
+        "from ofa_lib.train import config, training\n"
         f"cfg = config.make_config('nli', 'smoke', storage_dtype='fp32', top_k=3, epochs=3, target_langs={{'xnli': ['de']}})\n"
         f"training.run_training(cfg, {str(tmp_path)!r}, progress=False)\n"
     )
@@ -320,7 +322,7 @@ def _final_phase_start(cfg: config.TrainConfig, root: Path) -> Path:
 
 
 def _train_in_subprocess(cfg: config.TrainConfig, root: Path, **env: str) -> subprocess.CompletedProcess:
-    code = ("import sys; from ofa_lib import config, training\n"
+    code = ("import sys; from ofa_lib.train import config, training\n"
             f"cfg = config.TrainConfig(**{cfg.canonical()!r})\n"
             f"assert cfg.run_id == {cfg.run_id!r}\n"
             f"training.run_training(cfg, {str(root)!r}, progress=False)\n")
@@ -372,7 +374,8 @@ def test_checkpoints_carry_their_hash_and_a_changed_one_is_refused_naming_run_an
     measure and report step finds runs) refuses a run whose file changed, even by a finite amount."""
     import shutil
 
-    from ofa_lib import ckpt_io, crossrun
+    from ofa_lib.merge import crossrun
+    from ofa_lib.models import ckpt_io
 
     cfg, out, _ = finished
     recorded = json.loads((out / "manifest.json").read_text())["checkpoint_sha256"]
@@ -397,7 +400,7 @@ def test_a_damaged_checkpoint_is_named(finished, tmp_path, damage):
     data = (out / "checkpoints" / "ca.safetensors").read_bytes()
     bad = tmp_path / "ca.safetensors"
     bad.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"\xff" * 8 + data[8:])
-    from ofa_lib import ckpt_io
+    from ofa_lib.models import ckpt_io
 
     for read in (ckpt_io.checkpoint_info, ckpt_io.load_checkpoint, ckpt_io.TensorReader):
         with pytest.raises(ckpt_io.CorruptCheckpointError, match=re.escape(str(bad))):
@@ -494,9 +497,9 @@ def test_grad_accum_steps_keeps_the_effective_batch_and_new_knobs_keep_old_ids()
 
 
 def test_the_cost_model_counts_the_bytes_a_run_keeps(finished):
-    """ofa_lib.cost's kept bytes for a run (variants in their storage dtype, CA in fp32, top-k) against the
+    """ofa_lib.grid.cost's kept bytes for a run (variants in their storage dtype, CA in fp32, top-k) against the
     checkpoint files the run left."""
-    from ofa_lib import cost
+    from ofa_lib.grid import cost
 
     cfg, out, _ = finished
     manifest = json.loads((out / "manifest.json").read_text())
@@ -510,7 +513,7 @@ def test_the_cost_model_counts_the_bytes_a_run_keeps(finished):
 def test_variants_of_one_snapshot_are_one_file(finished):
     """LAST, SRC-DEV, TRG-DEV and the top-k that are the same snapshot share one file (hard links): the bytes
     are kept once, every name reads as a checkpoint and its manifest hash is its content's."""
-    from ofa_lib import crossrun
+    from ofa_lib.merge import crossrun
 
     cfg, out, root = finished
     manifest = json.loads((out / "manifest.json").read_text())

@@ -12,8 +12,11 @@ import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
-from ofa_lib import adapters, averaging, config, training, unfreezing
-from ofa_lib.config import ConfigError
+from ofa_lib.analysis import unfreezing_report
+from ofa_lib.merge import averaging
+from ofa_lib.models import adapters
+from ofa_lib.train import config, training, unfreezing
+from ofa_lib.train.config import ConfigError
 
 TINY = dict(vocab_size=40, hidden_size=16, num_hidden_layers=3, num_attention_heads=2, intermediate_size=32,
             max_position_embeddings=32, num_labels=3)
@@ -36,7 +39,7 @@ def rows(n=32, seed=0):
 
 def train_tiny(schedule: str, k: int, steps: int, with_adapters: bool = False, fisher_every: int = 0):
     """A minimal copy of the training loop: Unfreezer hook, forward/backward, fused AdamW with weight decay."""
-    from ofa_lib.features import collate
+    from ofa_lib.data.features import collate
 
     model = tiny_model(with_adapters)
     cfg = SimpleNamespace(unfreeze=schedule, unfreeze_every=k, fisher_every=fisher_every, fisher_batches=2,
@@ -142,7 +145,7 @@ def test_fun_picks_the_frozen_block_with_the_largest_trace():
         assert event["block"] == frozen.loc[frozen.trace.idxmax(), "block"]
         assert not at[at.block == event["block"]].trainable.item()  # measured before it was unfrozen
     assert sorted(e["block"] for e in events) == sorted(unf.blocks)
-    curve = unfreezing.fisher_curve(fisher)
+    curve = unfreezing_report.fisher_curve(fisher)
     assert len(curve) == 7 and curve.mean_trainable.isna().tolist() == [True] + [False] * 6  # nothing trainable at 0
     assert (curve.total >= curve.mean_trainable).iloc[1:].all()
 
@@ -203,7 +206,7 @@ def test_averaging_answer_compares_settings_at_their_largest_common_r():
     rows = [(s, r, sel, m) for s, base in (("none", 70.0), ("gu", 72.0)) for r in (1, 2)
             for sel, m in (("max_src_dev", base), ("acc_avg", base + r))]
     t1 = pd.DataFrame(rows, columns=["setting", "r", "selection", "mean"]).assign(variant="last", std=0.5, n=3)
-    text = unfreezing.averaging_answer(t1, "last")
+    text = unfreezing_report.averaging_answer(t1, "last")
     assert "**none** at r = 2: averaging 72.0 ± 0.5 vs Max SRC-DEV 70.0 ± 0.5" in text
     assert "Averaging gu runs beats averaging none runs at r = 2 (+2.0 points)." in text
-    assert "No setting" in unfreezing.averaging_answer(t1, "ca")
+    assert "No setting" in unfreezing_report.averaging_answer(t1, "ca")

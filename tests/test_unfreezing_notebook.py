@@ -9,7 +9,9 @@ import pandas as pd
 import papermill
 import pytest
 
-from ofa_lib import config, report, results, training, unfreezing
+from ofa_lib import results
+from ofa_lib.analysis import report, unfreezing_report
+from ofa_lib.train import config, training
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +52,7 @@ def test_unfreezing_notebook_on_smoke_runs(runs_root, tmp_path):
     # a run that is gone (an edited grid) leaves the per-setting store; the stored averages are reused
     store = out_dir / "results_none.parquet"
     results.append(store, results.read(store).query("kind == 'variant'").head(1).assign(run_id="sib-0123456789ab"))
-    again = unfreezing.averaging_by_setting(unfreezing.find_schedule_runs(runs_root, "sib"), out_dir,
+    again = unfreezing_report.averaging_by_setting(unfreezing_report.find_schedule_runs(runs_root, "sib"), out_dir,
                                             variants=["last", "ca"], r_max=2, n_samplings=2, progress=False)
     assert "sib-0123456789ab" not in set(results.read(store).run_id)
     pd.testing.assert_frame_equal(again.reset_index(drop=True), averaging, check_dtype=False)

@@ -1,0 +1,1 @@
+"""Training stage: one fine-tuning run (02_train) -- its configuration, optimisers, scheduled unfreezing, Fisher information, generalization measures, metrics, evaluation, the loop, and the reader of run folders."""
