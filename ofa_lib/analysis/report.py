@@ -12,7 +12,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -79,7 +79,7 @@ def report_dir(report_name: str, outputs_root: str | os.PathLike | None = None) 
 # tables
 # --------------------------------------------------------------------------------------
 
-def compute_tables(data: dict[str, TaskData], sampling_seeds="authors") -> dict[str, pd.DataFrame]:
+def compute_tables(data: dict[str, TaskData], sampling_seeds: str | Iterable[int] = "authors") -> dict[str, pd.DataFrame]:
     """``per_sampling``, ``table1``, ``table2``, ``table3`` and ``paired`` (accumulative averaging
     against Max SRC-DEV, paired over samplings: :func:`ofa_lib.results.selection.paired_comparison`) over all
     tasks (in order)."""
@@ -148,7 +148,7 @@ def _col_order(df: pd.DataFrame, cols: list[str]) -> pd.MultiIndex:
     return pd.MultiIndex.from_frame(df[cols].drop_duplicates())
 
 
-def style_table1(t1: pd.DataFrame):
+def style_table1(t1: pd.DataFrame) -> Any:
     """Styled :func:`wide_table1`: averaging cells >= 0.2 above the best Max. SRC-DEV value
     of that task and variant (any r) in green, within +-0.1 of it in yellow (as the paper)."""
     wide = wide_table1(t1)
@@ -167,7 +167,8 @@ def style_table1(t1: pd.DataFrame):
     return wide.style.apply(lambda _: colors, axis=None)
 
 
-def provenance_markdown(data: dict[str, TaskData], params: dict, sampling_seeds, out_dir) -> str:
+def provenance_markdown(data: dict[str, TaskData], params: dict, sampling_seeds: str | Iterable[int],
+                        out_dir: str | os.PathLike) -> str:
     """A short markdown block: parameters, runs and samplings per task, output folder."""
     lines = ["| parameter | value |", "|---|---|"]
     lines += [f"| `{k}` | `{_shown(v)!r}` |" for k, v in params.items()]
@@ -402,7 +403,7 @@ def per_language_gain(
 MERGE_FILE = "merge_methods.csv"
 
 
-def merge_methods(data: dict[str, TaskData], sampling_seeds="all") -> tuple[pd.DataFrame, pd.DataFrame]:
+def merge_methods(data: dict[str, TaskData], sampling_seeds: str | Iterable[int] = "all") -> tuple[pd.DataFrame, pd.DataFrame]:
     """(per-sampling scores, :func:`ofa_lib.results.selection.merge_table`) of every task whose store holds
     merges (:func:`ofa_lib.results.selection.merge_per_sampling`); both empty for the released results."""
     frames = [S.merge_per_sampling(d.tidy, d.task, d.cross.model, sampling_seeds) for d in data.values()

@@ -28,9 +28,13 @@ import math
 import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ofa_lib.paths import REPO_ROOT
+
+if TYPE_CHECKING:
+    from ofa_lib.grid.spec import Grid
+    from ofa_lib.train.config import TrainConfig
 
 RAW_DIR = REPO_ROOT / "benchmarks" / "raw"
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -167,7 +171,7 @@ class RunCost:
         return self.train_s + self.eval_s + self.overhead_s
 
 
-def run_work(cfg) -> dict[str, float]:
+def run_work(cfg: TrainConfig) -> dict[str, float]:
     """Tokens a run trains and evaluates, and its train steps (from its config and the data)."""
     feat = dict(max_length=cfg.max_length, doc_stride=cfg.doc_stride)
     n_train, lengths = split_stats(cfg.task, cfg.train_dataset, cfg.source_lang(), "train", subsample=cfg.train_subsample,
@@ -189,7 +193,7 @@ def run_work(cfg) -> dict[str, float]:
             "dev_tokens": dev, "test_tokens": test, "src_dev_tokens": tokens(cfg.dev_sets()[:1], cfg.dev_subsample)}
 
 
-def stored_snapshots(cfg) -> tuple[int, int]:
+def stored_snapshots(cfg: TrainConfig) -> tuple[int, int]:
     """(fewest, most) distinct snapshots behind a run's LAST, SRC-DEV, TRG-DEV and top-k files: variants that
     are the same snapshot share one file (hard links, ``ofa_lib.train.training``), and topk_0 is always the SRC-DEV
     snapshot (both rank by English dev, ties to the earlier one)."""
@@ -198,7 +202,7 @@ def stored_snapshots(cfg) -> tuple[int, int]:
     return max(1, min(n, cfg.top_k)), most
 
 
-def run_bytes(cfg, vocab: int | None, resume_writes_before: int, resume_writes: int) -> tuple[float, float, float]:
+def run_bytes(cfg: TrainConfig, vocab: int | None, resume_writes_before: int, resume_writes: int) -> tuple[float, float, float]:
     """(kept, written, written by the previous layout) bytes of one run. Kept is the most the run can keep
     (every stored variant a different snapshot; see :func:`stored_snapshots`), written the most it can write:
     each snapshot's weights at most once (when it improves a variant; LAST is a link to the last snapshot's
@@ -245,7 +249,7 @@ class Estimate:
                 "evaluations_03": self.evaluations_03, "total_s": self.total_s, "notes": self.notes}
 
 
-def averaging_evaluations(grid) -> int:
+def averaging_evaluations(grid: Grid) -> int:
     """How many models 03_average scores: the distinct merges (per method and variant, as
     :func:`ofa_lib.merge.crossrun.plan_pass` lists them) and soups its samplings make. A greedy soup is not
     counted: its result is a uniform mean of some of the runs, mostly one already scored (its English-dev
@@ -288,7 +292,7 @@ def resume_writes(train_s: float, num_snapshots: int, every_minutes: float | Non
     return 1 + int(train_s // (every_minutes * 60))  # the first snapshot's, then one per interval
 
 
-def estimate(grid, throughput: Throughput | None = None) -> Estimate:
+def estimate(grid: Grid, throughput: Throughput | None = None) -> Estimate:
     """The cost of every run of ``grid`` (head-tuning run included) and of its pipeline."""
     gpu = grid.slurm.gpus_per_run > 0 and grid.preset == "paper"
     notes = []

@@ -55,7 +55,7 @@ import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import pandas as pd
 import torch
@@ -442,7 +442,7 @@ class _Store:
     by_key: dict[tuple, pd.DataFrame] = field(default_factory=dict)
     pending: list[pd.DataFrame] = field(default_factory=list)
 
-    def load(self, key_of_row) -> None:
+    def load(self, key_of_row: Callable[[str, list[str], str], tuple | None]) -> None:
         if not self.path.exists():
             return
         d = R.read(self.path)
@@ -836,7 +836,8 @@ class _Greedy:
                 soup, best = soup + [c], score
         return soup
 
-    def run(self, it: _Item, finish, needs_weights) -> None:
+    def run(self, it: _Item, finish: Callable[[_Item, dict[str, torch.Tensor]], None],
+            needs_weights: Callable[[_Item], bool]) -> None:
         """Choose ``it``'s soup; reuse the scores of the uniform mean of the kept runs when the store
         has them, else compute that mean (streamed) and hand it to ``finish``."""
         soup = self.kept(it.variant, it.members)

@@ -327,7 +327,7 @@ def _aggregate(df: pd.DataFrame, by: list[str]) -> pd.DataFrame:
     return out
 
 
-def table1(data, sampling_seeds: str | Iterable[int] = "authors") -> pd.DataFrame:
+def table1(data: CrossRunData, sampling_seeds: str | Iterable[int] = "authors") -> pd.DataFrame:
     """Paper Table 1: columns ``task, r, selection, variant, mean, std, n``.
 
     ``selection`` in {max_src_dev, acc_avg}, ``variant`` in {last, src_dev, ca}; mean and std
@@ -346,7 +346,7 @@ def table1(data, sampling_seeds: str | Iterable[int] = "authors") -> pd.DataFram
 
 
 def table2(
-    data,
+    data: CrossRunData,
     sampling_seeds: str | Iterable[int] = "authors",
     src_variant: str = TABLE2_SRC_VARIANT,
     soup_variant: str = SOUP_VARIANT,
@@ -377,7 +377,7 @@ def table2(
         ["task", "r", "method", "mean", "std", "n"]]
 
 
-def table3(data) -> pd.DataFrame:
+def table3(data: CrossRunData) -> pd.DataFrame:
     """Paper Table 3: per (lr, batch_size) and variant (last, src_dev, ca, trg_dev) the mean
     and std (ddof=1) over the configuration's seeds of the test score, x100, one decimal.
     Columns ``task, lr, batch_size, variant, mean, std, n``."""

@@ -32,6 +32,7 @@ import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -70,7 +71,7 @@ def _pick(log_probs: torch.Tensor, mode: str, gen: torch.Generator) -> torch.Ten
     return labels.reshape(log_probs.shape[:-1]).to(log_probs.device)
 
 
-def sampled_log_likelihood(outputs, batch: Mapping[str, torch.Tensor], mode: str, gen: torch.Generator) -> tuple[torch.Tensor, int]:
+def sampled_log_likelihood(outputs: Any, batch: Mapping[str, torch.Tensor], mode: str, gen: torch.Generator) -> tuple[torch.Tensor, int]:
     """``(Σ over examples of log p(ŷ|x), number of examples)`` for labels ŷ chosen by ``mode``."""
     attention = batch.get("attention_mask")
     if getattr(outputs, "start_logits", None) is not None:  # QA: start and end over the real tokens

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 import torch
@@ -41,6 +41,7 @@ from ofa_lib.data import features
 from ofa_lib.train import fisher
 
 Batch = dict[str, torch.Tensor]
+Device = torch.device | str | None  # where a measure runs (None: the model's device)
 MEASURES = ("margin_src", "margin_trg", "sharpness_jiang", "sharpness_diff", "frobenius", "fisher_trace")
 # which direction is "better" for selection: +1 larger is better, -1 smaller is better
 DIRECTION = {"margin_src": 1, "margin_trg": 1, "sharpness_jiang": -1, "sharpness_diff": -1, "frobenius": -1,
@@ -86,7 +87,7 @@ def make_batches(rows: Sequence[Mapping[str, Any]], pad_token_id: int, *, n_exam
 
 # --------------------------------------------------------------------------- model hygiene
 @contextmanager
-def preserved(model: torch.nn.Module, *, eval_mode: bool = True):
+def preserved(model: torch.nn.Module, *, eval_mode: bool = True) -> Iterator[torch.nn.Module]:
     """Run a block on ``model`` and restore it exactly afterwards: parameter values (copied
     back bit for bit), ``.grad``, ``requires_grad`` and train/eval mode of every submodule."""
     params = list(model.parameters())
@@ -124,7 +125,7 @@ def _n(batch: Batch) -> int:
     return int(batch["input_ids"].shape[0])
 
 
-def mean_loss(model: torch.nn.Module, batches: Sequence[Batch], *, device=None, autocast_dtype=None) -> float:
+def mean_loss(model: torch.nn.Module, batches: Sequence[Batch], *, device: Device = None, autocast_dtype: torch.dtype | None = None) -> float:
     """Example-weighted mean of the model's own loss over ``batches`` (no grad; cost: 1 F)."""
     device = _device(model, device)
     total, count = 0.0, 0
@@ -155,7 +156,7 @@ def _token_mask(batch: Batch) -> torch.Tensor:
     return batch["attention_mask"].bool()
 
 
-def margin(model: torch.nn.Module, batches: Sequence[Batch], *, device=None, autocast_dtype=None, seed: int = 0) -> float:
+def margin(model: torch.nn.Module, batches: Sequence[Batch], *, device: Device = None, autocast_dtype: torch.dtype | None = None, seed: int = 0) -> float:
     """Mean margin p(y) − max_{c≠y} p(c) of the true label (in [-1, 1]); cost: 1 F.
 
     Sequence classification: per example; token classification: per labelled token (labels
@@ -187,7 +188,7 @@ def margin(model: torch.nn.Module, batches: Sequence[Batch], *, device=None, aut
     return total / count
 
 
-def label_free_margin(model: torch.nn.Module, batches: Sequence[Batch], *, device=None, autocast_dtype=None,
+def label_free_margin(model: torch.nn.Module, batches: Sequence[Batch], *, device: Device = None, autocast_dtype: torch.dtype | None = None,
                       seed: int = 0) -> float:
     """Mean top-1 minus top-2 probability on unlabelled text (in [0, 1]); cost: 1 F.
 
@@ -236,7 +237,7 @@ def _perturbed_params(model: torch.nn.Module, which: str) -> list[torch.nn.Param
 
 def sharpness_jiang(model: torch.nn.Module, batches: Sequence[Batch], *, alpha: float = 1e-3, eps: float = 1e-3,
                     steps: int = 5, step_size: float | None = None, params: str = "trainable", seed: int = 0,
-                    device=None, autocast_dtype=None) -> float:
+                    device: Device = None, autocast_dtype: torch.dtype | None = None) -> float:
     """Jiang et al.'s magnitude-aware worst-case sharpness: ``max L(w+δ) − L(w)`` over the box
     ``|δᵢ| ≤ α(|wᵢ| + ε)``, searched by projected sign-gradient ascent from a seeded random
     start in the box (``steps`` steps of ``step_size`` × box, default 2/steps; every visited point
@@ -286,8 +287,8 @@ def sharpness_jiang(model: torch.nn.Module, batches: Sequence[Batch], *, alpha: 
 
 def sharpness_diff(model: torch.nn.Module, batches: Sequence[Batch], *, noise_scale: float = 1e-2,
                    n_samples: int = 5, relative: bool = True, projection: str = "box", alpha: float = 1e-2,
-                   eps: float = 1e-3, params: str = "trainable", seed: int = 0, device=None,
-                   autocast_dtype=None) -> float:
+                   eps: float = 1e-3, params: str = "trainable", seed: int = 0, device: Device = None,
+                   autocast_dtype: torch.dtype | None = None) -> float:
     """Difference-based sharpness: mean over ``n_samples`` random nearby points of L(w+δ) − L(w).
 
     δ = ``noise_scale`` · z with z ~ N(0, I) (seeded), times ``(|wᵢ|+ε)`` when ``relative``, then
@@ -357,7 +358,7 @@ def pretrained_reference(model_name: str) -> dict[str, torch.Tensor]:
 
 
 def frobenius_distance(model: torch.nn.Module, reference: Mapping[str, torch.Tensor], *, seed: int = 0,
-                       device=None) -> float:
+                       device: Device = None) -> float:
     """‖θ − θ₀‖_F over the encoder parameters that ``reference`` holds (see
     :func:`pretrained_reference`): the new task head is not part of it, and the word embeddings
     are left out (a trimmed vocabulary keeps a subset of the rows, and the cpu/smoke presets
@@ -385,8 +386,8 @@ def frobenius_distance(model: torch.nn.Module, reference: Mapping[str, torch.Ten
 
 
 # --------------------------------------------------------------------------- tr(F)
-def fisher_trace(model: torch.nn.Module, batches: Sequence[Batch], *, seed: int = 0, device=None,
-                 autocast_dtype=None, label_mode: str = "sample") -> float:
+def fisher_trace(model: torch.nn.Module, batches: Sequence[Batch], *, seed: int = 0, device: Device = None,
+                 autocast_dtype: torch.dtype | None = None, label_mode: str = "sample") -> float:
     """tr(F) (the ``"total"`` of :func:`ofa_lib.train.fisher.fisher_trace`, labels sampled from the
     model); cost and support as documented there. Restores the model like every measure here."""
     with preserved(model, eval_mode=False):
@@ -424,8 +425,8 @@ class MeasureData:
                    model_name=model_name)
 
 
-def compute(model: torch.nn.Module, names: Sequence[str], data: MeasureData, *, seed: int = 0, device=None,
-            autocast_dtype=None, options: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, tuple[float, float]]:
+def compute(model: torch.nn.Module, names: Sequence[str], data: MeasureData, *, seed: int = 0, device: Device = None,
+            autocast_dtype: torch.dtype | None = None, options: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, tuple[float, float]]:
     """``{name: (value, seconds)}`` for each measure in ``names`` on ``data``; ``options`` maps a
     measure name to keyword arguments of its function (e.g. ``{"sharpness_jiang": {"alpha": 5e-4}}``)."""
     options = dict(options or {})

@@ -35,7 +35,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import datasets
 import pandas as pd
@@ -390,7 +390,7 @@ def prepare(cfg: TrainConfig) -> Prepared:
 
 
 # --------------------------------------------------------------------------- resume state
-def save_resume(path: Path, model, optimizer, scheduler, state: dict[str, Any], ca: RunningMean,
+def save_resume(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, state: dict[str, Any], ca: RunningMean,
                 scaler: "torch.amp.GradScaler | None" = None) -> None:
     """Model, optimizer moments, CA mean, RNG (CPU and CUDA) and the loop's state, in ONE safetensors file
     (``state.safetensors``; the JSON-able part in its metadata) replaced atomically: a kill leaves the previous
@@ -412,7 +412,7 @@ def save_resume(path: Path, model, optimizer, scheduler, state: dict[str, Any], 
     (path / "state.json").unlink(missing_ok=True)  # the two-file format of older versions: never pair with it
 
 
-def load_resume(path: Path, model, optimizer, scheduler, ca: RunningMean,
+def load_resume(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, ca: RunningMean,
                 scaler: "torch.amp.GradScaler | None" = None) -> dict[str, Any] | None:
     """Restore what :func:`save_resume` wrote; ``None`` when there is nothing (complete) to resume."""
     if not (path / RESUME_FILE).is_file():
@@ -512,7 +512,7 @@ STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 
 @contextlib.contextmanager
-def stop_signals():
+def stop_signals() -> Iterator["StopRequest"]:
     """While training: SIGUSR1 (SLURM's ``--signal`` notice) and SIGTERM (preemption, the grid runner) ask the run
     to stop after its current step with its resume state written, instead of killing it mid-write. Only in the
     main thread (where Python delivers signals); elsewhere nothing is installed."""

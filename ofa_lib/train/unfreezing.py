@@ -93,7 +93,7 @@ class Unfreezer:
     unfrozen: list[str] = field(default_factory=list)
 
     @classmethod
-    def create(cls, cfg, model: torch.nn.Module, train_rows: list[dict], pad_token_id: int, device: torch.device,
+    def create(cls, cfg: Any, model: torch.nn.Module, train_rows: list[dict], pad_token_id: int, device: torch.device,
                autocast: torch.dtype | None) -> "Unfreezer | None":
         """The run's unfreezer, or ``None`` when the run neither schedules nor measures tr(F)."""
         if cfg.unfreeze == "none" and not cfg.fisher_every:
