@@ -479,7 +479,7 @@ def test_a_runner_does_not_wait_forever_for_a_stuck_one(tmp_path, tmp_outputs, c
     (run.dir / ".02_train.999.progress.json").write_text('{"step": 3}')
     start = time.time()
     try:
-        grid_state._wait_for_live_locks(grid, [run], poll_s=0.2)
+        grid_state.wait_for_live_locks(grid, [run], poll_s=0.2)
     finally:
         held.release()
     assert time.time() - start < 10 and "not waiting for it" in capsys.readouterr().out
@@ -525,7 +525,7 @@ def test_sigterm_stops_a_local_grid_gracefully_and_the_rerun_finishes_it(tmp_out
         assert proc.poll() is None, "the grid finished before it could be stopped"
         assert time.time() < deadline
         time.sleep(0.2)
-    children = grid_execute._children(proc.pid)
+    children = grid_execute.child_pids(proc.pid)
     proc.send_signal(signal.SIGTERM)
     t0 = time.time()
     out, _ = proc.communicate(timeout=90)

@@ -17,7 +17,7 @@ from ofa_lib.io import write_json
 if TYPE_CHECKING:  # pandas is imported where tables are built: `grid status` starts fast without it
     import pandas as pd
 from ofa_lib.grid.execute import Outcome, report, run_task
-from ofa_lib.grid.local import _summary, run_local
+from ofa_lib.grid.local import run_local, summary_table
 from ofa_lib.grid.slurm import submit_slurm, wait_slurm
 from ofa_lib.grid.spec import Grid, GridError, data_sets, load_grid
 from ofa_lib.grid.state import failure_path, run_state, set_aside_stale_runs
@@ -59,7 +59,7 @@ def run(grid: Grid, *, backend: str = "local", workers: int | None = None, wait:
     else:
         outcomes = run_local(grid, workers=workers)
         submitted = set()
-    summary = _summary(grid, outcomes, submitted)
+    summary = summary_table(grid, outcomes, submitted)
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         print(summary.to_string(index=False))
     bad = [r.run_id for r in grid.runs if run_state(grid, r) != "done"]

@@ -41,7 +41,7 @@ class Stalled(RuntimeError):
     """A notebook execution made no progress for ``stall_timeout`` s (or ran past ``run_timeout``): killed."""
 
 
-def _children(pid: int) -> list[int]:
+def child_pids(pid: int) -> list[int]:
     """Every live descendant of ``pid`` (from /proc)."""
     parents: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
@@ -61,10 +61,10 @@ def _children(pid: int) -> list[int]:
 def _kernels() -> list[int]:
     """This process's Jupyter kernels (children running ipykernel) and everything they started."""
     pids = []
-    for pid in _children(os.getpid()):
+    for pid in child_pids(os.getpid()):
         try:
             if b"ipykernel" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                pids += [pid, *_children(pid)]
+                pids += [pid, *child_pids(pid)]
         except OSError:
             pass
     return list(dict.fromkeys(pids))
@@ -227,11 +227,11 @@ def run_one(grid: Grid, run: Run, *, threads: int | None = None) -> Outcome:
     return Outcome(run.run_id, "done", time.time() - start)
 
 
-def _signal_descendants(sig: int) -> list[int]:
+def signal_descendants(sig: int) -> list[int]:
     """Send ``sig`` to every process this one started (the notebook kernels: they run in their own session,
     so a signal to the job's batch shell alone would not reach them)."""
     sent = []
-    for pid in _children(os.getpid()):
+    for pid in child_pids(os.getpid()):
         try:
             os.kill(pid, sig)
             sent.append(pid)
@@ -250,7 +250,7 @@ def run_task(grid: Grid, run: Run, *, threads: int | None = None) -> int:
 
     def forward(signum, frame):  # noqa: ARG001
         got.append(signum)
-        sent = _signal_descendants(signum)
+        sent = signal_descendants(signum)
         print(f"run-one: {signal.Signals(signum).name} passed to {len(sent)} process(es) below me", flush=True)
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGUSR1, signal.SIGTERM)}

@@ -16,13 +16,13 @@ from ofa_lib.paths import outputs_dir
 
 if TYPE_CHECKING:  # pandas is imported where tables are built: `grid status` starts fast without it
     import pandas as pd
-from ofa_lib.grid.execute import Outcome, _children, _signal_descendants, run_one
+from ofa_lib.grid.execute import Outcome, child_pids, run_one, signal_descendants
 from ofa_lib.grid.spec import TRAIN_NOTEBOOK, Grid, Run, load_grid
 from ofa_lib.grid.state import (
-    _require_head,
-    _wait_for_live_locks,
     failure_path,
+    require_head,
     run_state,
+    wait_for_live_locks,
 )
 
 _STOPPING: list[int] = []  # in a pool worker: the signals that asked the runner to stop
@@ -47,7 +47,7 @@ def _worker_stop(signum, frame) -> None:  # noqa: ARG001
 
         def repeat() -> None:
             while True:
-                _signal_descendants(signal.SIGTERM)
+                signal_descendants(signal.SIGTERM)
                 time.sleep(2.0)
 
         threading.Thread(target=repeat, daemon=True, name="pass SIGTERM to the kernel").start()
@@ -67,7 +67,7 @@ def _pool_task(grid_path: str, run_id: str, threads: int | None, outputs: str) -
     return outcome
 
 
-def _summary(grid: Grid, outcomes: list[Outcome], submitted: set[str] = frozenset()) -> "pd.DataFrame":
+def summary_table(grid: Grid, outcomes: list[Outcome], submitted: set[str] = frozenset()) -> "pd.DataFrame":
     """One row per run: what this invocation did with it (done, failed, skipped-done, …)."""
     import pandas as pd
 
@@ -118,7 +118,7 @@ def run_local(grid: Grid, *, workers: int | None = None) -> list[Outcome]:
             tqdm.write(f"grid {grid.name}: {signal.Signals(signum).name}: stopping; the running runs write their "
                        "resume state and stop (a re-run finishes what is missing)")
         stop.append(signum)
-        for pid in _children(os.getpid()):  # the workers pass it on to their kernels
+        for pid in child_pids(os.getpid()):  # the workers pass it on to their kernels
             try:
                 os.kill(pid, signal.SIGTERM)
             except (ProcessLookupError, PermissionError):
@@ -132,7 +132,7 @@ def run_local(grid: Grid, *, workers: int | None = None) -> list[Outcome]:
                     outcomes += [Outcome(r.run_id, "interrupted", error="not started: stopped") for r in batch]
                     continue
                 if batch is rest:
-                    _require_head(grid)
+                    require_head(grid)
                 if not batch:
                     continue
                 n = min(n, len(batch))
@@ -150,7 +150,7 @@ def run_local(grid: Grid, *, workers: int | None = None) -> list[Outcome]:
                                 tqdm.write(f"run {outcome.run_id} ({futures[future].label}) FAILED: {outcome.error}")
                         bar.set_postfix_str(running_progress([futures[f] for f in pending]), refresh=True)
         if not stop:
-            _wait_for_live_locks(grid, grid.runs)
+            wait_for_live_locks(grid, grid.runs)
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)

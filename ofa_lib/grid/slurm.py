@@ -22,7 +22,7 @@ from ofa_lib.grid.spec import Grid, GridError, Run, Step, step_resources
 from ofa_lib.grid.state import failure_path, run_state, skipped_path
 
 
-def _slurm_why(grid: Grid, run: Run, job: dict[str, str]) -> tuple[str, str] | None:
+def slurm_why(grid: Grid, run: Run, job: dict[str, str]) -> tuple[str, str] | None:
     """Why a submitted run whose job has left the queue is still not done: ``("cancelled", …)`` when the head-tuning
     run it waited for failed (SLURM cancelled the array), ``("skipped", …)`` when its task found the run held by
     another live task; ``None`` when there is nothing to say."""

@@ -41,7 +41,7 @@ def skipped_path(grid: Grid, run: Run) -> Path:
     return grid.state_dir / "skipped" / f"{run.run_id}.json"
 
 
-def _wait_for_live_locks(grid: Grid, runs: list[Run], poll_s: float = 10.0) -> None:
+def wait_for_live_locks(grid: Grid, runs: list[Run], poll_s: float = 10.0) -> None:
     """Runs held by another live runner: wait until it lets go (then they are done, failed or free)."""
     from tqdm.auto import tqdm
 
@@ -73,10 +73,10 @@ def _gave_up_on(grid: Grid, run: Run, since: float) -> bool:
     return True
 
 
-def _require_head(grid: Grid) -> None:
+def require_head(grid: Grid) -> None:
     """Before the grid runs: the head-tuning run (if any) must be done (waiting for another runner's)."""
     heads = [r for r in grid.runs if r.role == "head"]
-    _wait_for_live_locks(grid, heads)
+    wait_for_live_locks(grid, heads)
     for head in heads:
         state = run_state(grid, head)
         if state != "done":

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # pandas is imported where tables are built: `grid status` starts fast without it
     import pandas as pd
-from ofa_lib.grid.slurm import _slurm_why, slurm_states
+from ofa_lib.grid.slurm import slurm_states, slurm_why
 from ofa_lib.grid.spec import Grid
 from ofa_lib.grid.state import failure_path, run_state
 
@@ -27,7 +27,7 @@ def plan_table(grid: Grid, with_scheduler: bool = True) -> "pd.DataFrame":
             state = "queued"
         elif job and state == "todo" and job["state"] in ("RUNNING", "COMPLETING"):
             state = "running"
-        why = _slurm_why(grid, run, job) if job and state == "todo" and job["state"] in ("GONE", "CANCELLED") else None
+        why = slurm_why(grid, run, job) if job and state == "todo" and job["state"] in ("GONE", "CANCELLED") else None
         if why:
             state, row["error"] = why
         row["state"] = state
