@@ -86,7 +86,7 @@ def _child(method: str, samplings: int, paths: list[str]) -> None:
         return t
 
     ckpt_io.TensorReader.get_rows = counting_rows
-    info = averaging.checkpoint_info(paths[0])  # header only (get_slice), not counted
+    info = ckpt_io.checkpoint_info(paths[0])  # header only (get_slice), not counted
     itemsize = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4}
     one = sum(int(np.prod(shape)) * itemsize[info.dtypes[k]] for k, shape in info.shapes.items())
     r_max = len(paths)

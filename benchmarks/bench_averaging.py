@@ -91,7 +91,7 @@ def _generic_shapes(size_mb: float, bytes_per_el: int) -> dict[str, tuple[int, .
 def _child_make(workdir: Path, n: int, size_mb: float | None, dtype_name: str) -> None:
     import torch
 
-    from ofa_lib.merge.averaging import save_checkpoint
+    from ofa_lib.models.ckpt_io import save_checkpoint
 
     dtype = getattr(torch, dtype_name)
     el = torch.empty(0, dtype=dtype).element_size()

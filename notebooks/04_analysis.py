@@ -31,7 +31,8 @@ gain_r = 10
 # description: a paragraph shown at the top of the report (e.g. what a demo grid scaled down)
 description = None
 # diagnosis: None, or a folder written by `python -m ofa_lib.analysis.diagnose RUN_A RUN_B ... --out FOLDER`
-# (shown beside the score-vs-r figure; a relative path starts in notebooks/)
+# (shown beside the score-vs-r figure; a relative path starts in notebooks/), or "auto": the report folder's
+# diagnosis/ when one was written there (`make demo-diagnosis` does for the demo)
 diagnosis = None
 
 
@@ -148,12 +149,16 @@ if len(conv):
     display(Markdown(rp.ca_sentence(conv)))
 else:
     print("no per-snapshot rows in the results (the released results keep none)")
-if diagnosis:
-    from pathlib import Path
-
+diagnosis_dir = rp.diagnosis_folder(diagnosis, out_dir)
+if diagnosis_dir:
     from IPython.display import Image
-    display(Markdown(rp.diagnosis_markdown(diagnosis)))
-    display(Image(filename=str(Path(diagnosis) / "diagnosis.png")))
+    display(Markdown(rp.diagnosis_markdown(diagnosis_dir)))
+    display(Image(filename=str(diagnosis_dir / "diagnosis.png")))
+elif diagnosis == "auto":
+    from ofa_lib.paths import repo_relative
+    where = repo_relative(out_dir / "diagnosis")
+    display(Markdown(f"No diagnosis in `{where}` yet: `python -m ofa_lib.analysis.diagnose RUN_A RUN_B ... --out "
+                     f"{where}` writes one, the next report shows it (for the demo: `make demo-diagnosis`)."))
 
 # %% [markdown]
 # ## Spread across samplings
@@ -197,7 +202,7 @@ rp.wide_table3(tables["table3"])
 merge_ps, merge_tab = rp.merge_methods(data, sampling_seeds)
 if len(merge_tab):
     rp.write_csv(merge_tab, out_dir / rp.MERGE_FILE)
-    display(Markdown(rp.merge_sentence(merge_tab)))
+    display(Markdown(rp.merge_sentence(merge_tab, merge_ps)))
     display(rp.wide_merge_table(merge_tab))
     display(plots.save_figure(plots.fig_merge_methods(merge_tab), out_dir, "merge_methods"))
 else:

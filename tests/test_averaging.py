@@ -13,19 +13,21 @@ import pytest
 import torch
 
 from ofa_lib.merge.averaging import (
-    CheckpointMismatchError,
-    NonFiniteError,
-    RunningMean,
     average_checkpoints,
     greedy_soup,
-    head_fingerprint,
-    load_checkpoint,
-    read_metadata,
     running_average,
-    save_checkpoint,
     uniform_soup,
 )
 from ofa_lib.models import ckpt_io
+from ofa_lib.models.ckpt_io import (
+    CheckpointMismatchError,
+    NonFiniteError,
+    head_fingerprint,
+    load_checkpoint,
+    read_metadata,
+    save_checkpoint,
+)
+from ofa_lib.models.running_mean import RunningMean
 
 FP = "ab" * 32  # a head fingerprint
 
@@ -392,7 +394,8 @@ def test_streaming_reads_one_tensor_at_a_time(tmp_path: Path, monkeypatch) -> No
 _CHILD = textwrap.dedent(
     """
     import sys, torch
-    from ofa_lib.merge.averaging import average_checkpoints, load_checkpoint
+    from ofa_lib.merge.averaging import average_checkpoints
+    from ofa_lib.models.ckpt_io import load_checkpoint
 
     def hwm():  # this process's peak RSS in bytes (VmHWM is reset by exec, ru_maxrss is not)
         for line in open("/proc/self/status"):
@@ -485,7 +488,7 @@ def test_large_tensors_are_averaged_in_row_blocks(tmp_path, monkeypatch):
     paths = []
     for i, st in enumerate(states):
         paths.append(tmp_path / f"{i}.safetensors")
-        A.save_checkpoint(st, paths[-1])
+        ckpt_io.save_checkpoint(st, paths[-1])
     whole = A.average_checkpoints(paths)
     monkeypatch.setattr(ckpt_io, "BLOCK", 16)
     assert ckpt_io.row_blocks((37, 5))[:2] == [slice(0, 3), slice(3, 6)] and ckpt_io.row_blocks((2, 40)) == [slice(0, 1), slice(1, 2)]

@@ -15,8 +15,9 @@ import torch
 
 from ofa_lib import results as R
 from ofa_lib.io import file_sha256
-from ofa_lib.merge import averaging, crossrun
 from ofa_lib.merge import cli as merge_cli
+from ofa_lib.merge import crossrun
+from ofa_lib.models import ckpt_io
 from ofa_lib.paths import REPO_ROOT
 from ofa_lib.results import selection as S
 from ofa_lib.train import config, training
@@ -148,10 +149,10 @@ def test_keep_checkpoints(averaged, tmp_path):
     files = sorted(tmp_path.glob("average-ca-*.safetensors"))
     assert len(files) == 3 and not list(tmp_path.glob(".*.tmp"))
     first = S.sample_runs(runs, 3, seed=0)[0]
-    one = [f for f in files if averaging.read_metadata(f)["ofa_members"] == first]
+    one = [f for f in files if ckpt_io.read_metadata(f)["ofa_members"] == first]
     run_dir = Path(runs.set_index("run_id").loc[first, "path"])
-    run_ca = averaging.load_checkpoint(run_dir / "checkpoints" / "ca.safetensors")
-    got = averaging.load_checkpoint(one[0])
+    run_ca = ckpt_io.load_checkpoint(run_dir / "checkpoints" / "ca.safetensors")
+    got = ckpt_io.load_checkpoint(one[0])
     assert all(torch.equal(got[k], run_ca[k]) for k in run_ca)
 
 
@@ -195,10 +196,10 @@ def test_refuses_runs_that_cannot_be_combined(grid, tmp_path):
     def other_vocab(m, path):  # another seed trims the vocabulary to another training subsample
         m["params"]["seed"] = 2
         file = path / "checkpoints" / "last.safetensors"
-        sd = averaging.load_checkpoint(file)
+        sd = ckpt_io.load_checkpoint(file)
         key = next(k for k in sd if k.endswith("word_embeddings.weight"))
         sd[key] = sd[key].flip(0)
-        averaging.save_checkpoint(sd, file, metadata=averaging.read_metadata(file))
+        ckpt_io.save_checkpoint(sd, file, metadata=ckpt_io.read_metadata(file))
 
     root = _fake_run(grid, tmp_path / "c", "othervocab", other_vocab)
     with pytest.raises(crossrun.IncompatibleRunsError, match="different vocabularies") as err:
@@ -317,7 +318,7 @@ def test_fisher_in_the_pass(averaged, tmp_path):
     files = sorted((tmp_path / "averages" / "fisher").glob("*.safetensors"))
     assert len(files) == 3 and not list((tmp_path / "averages" / "fisher").glob(".*"))
     shas = {file_sha256(Path(p) / "checkpoints" / "ca.safetensors") for p in runs["path"]}
-    assert {averaging.read_metadata(f)[fisher.CHECKPOINT_SHA_KEY] for f in files} == shas
+    assert {ckpt_io.read_metadata(f)[fisher.CHECKPOINT_SHA_KEY] for f in files} == shas
     uni = R.read(first)
     uni = uni[(uni["method"] == "uniform") & (uni["kind"] == "average")]
     r1 = R.cross_name("acc_avg", "ca", 1, 0)
@@ -341,9 +342,9 @@ def test_ofa_merge_base_from_run(averaged, tmp_path):
     assert merge_cli.main(["--method", "task_arithmetic", "--base-from-run", str(run_dir), "--out", str(out), *ckpts]) == 0
     plan = crossrun.plan_pass(runs, variants=("ca",), r_max=3, samplings=[0], soup_k=0, methods=["task_arithmetic"])
     base = plan.avg_dir / f"base-{crossrun.key_digest([plan.base_id])}.safetensors"
-    assert base.is_file() and json.loads(averaging.read_metadata(out)["ofa_merge_base"])["file"] == str(base)
+    assert base.is_file() and json.loads(ckpt_io.read_metadata(out)["ofa_merge_base"])["file"] == str(base)
     want = merging.merge_files(merging.make_spec("task_arithmetic"), ckpts, base=base)
-    got = averaging.load_checkpoint(out)
+    got = ckpt_io.load_checkpoint(out)
     assert all(torch.equal(got[k], want[k]) for k in want)
     assert merge_cli.main(["--method", "uniform", "--base-from-run", str(run_dir), "--out", str(out), *ckpts]) == 2
     assert merge_cli.main(["--method", "ties", "--base-from-run", str(tmp_path), "--out", str(out), *ckpts]) == 2

@@ -231,6 +231,8 @@ def test_hub_sources_are_recorded_in_one_line(hub_only):
     assert local["repo"] == "Davlan/sib200" and local["revision"] == hub.PARQUET_BRANCH
     line = data.describe_sources({**mirror, "sib200/eng_Latn/train": local})
     assert line == "mirror /m (1 files); hub Davlan/sib200@refs/convert/parquet (local clone)"
+    beside = {"x": {"source": "mirror", "root": str(REPO_ROOT.parent / "shared" / "data"), "files": [{"path": "x"}]}}
+    assert data.describe_sources(beside) == "mirror ../shared/data (1 files)"  # the same on every clone
 
 
 def test_hub_registry_covers_every_dataset():

@@ -79,3 +79,17 @@ def test_verdict_from_numbers():
     assert D.verdict(frame((0.57, 0.60, 0.60))) == "ca_not_weaker"
     assert D.verdict(frame((0.57, 0.26, 0.55), r1=0.01)) == "defect"
     assert D.run_findings(frame((0.57, 0.26, 0.55)))["early"].iloc[0] == 2
+
+
+def test_the_report_finds_a_diagnosis_in_its_folder_when_asked_to(tmp_path):
+    from ofa_lib.analysis import report
+
+    assert report.diagnosis_folder(None, tmp_path) is None
+    assert report.diagnosis_folder("auto", tmp_path) is None  # nothing written yet: the report says how
+    (tmp_path / "diagnosis").mkdir()
+    (tmp_path / "diagnosis" / "diagnosis.md").write_text("CA trails LAST because ...")
+    assert report.diagnosis_folder("auto", tmp_path) == tmp_path / "diagnosis"
+    assert report.diagnosis_folder(str(tmp_path / "x"), tmp_path) == tmp_path / "x"
+    assert "CA trails LAST" in report.diagnosis_markdown(report.diagnosis_folder("auto", tmp_path))
+    with pytest.raises(FileNotFoundError, match="parameter diagnosis="):
+        report.diagnosis_markdown(tmp_path / "x")

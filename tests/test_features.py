@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import datasets
 import numpy as np
@@ -217,6 +218,28 @@ def test_length_sorted_batches_restore_order():
     outputs = [f"pred{i}" for b in batches for i in b]  # computed in batch order
     assert F.restore_order(batches, outputs) == [f"pred{i}" for i in range(len(lengths))]
     assert F.length_sorted_batches([], 4) == []
+
+
+def test_length_grouped_batches():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(5, 120, size=701).tolist()
+    batches = F.length_grouped_batches(lengths, batch_size=16, seed=7)
+    assert sorted(i for b in batches for i in b) == list(range(701))  # every row once
+    assert len(batches) == math.ceil(701 / 16) and all(len(b) == 16 for b in batches[:-1]) and len(batches[-1]) == 701 % 16
+    assert batches == F.length_grouped_batches(lengths, batch_size=16, seed=7)  # a resumed epoch replays it
+    assert batches != F.length_grouped_batches(lengths, batch_size=16, seed=8)
+
+    def padded(bs):
+        return sum(len(b) * max(lengths[i] for i in b) for b in bs) / sum(lengths)
+
+    order = rng.permutation(701).tolist()
+    random_batches = [order[k:k + 16] for k in range(0, 701, 16)]
+    assert padded(batches) < 1.2 < 1.5 < padded(random_batches)
+    # the batch order is shuffled: not longest-first across the epoch
+    maxima = [max(lengths[i] for i in b) for b in batches[:-1]]
+    assert maxima != sorted(maxima, reverse=True)
+    with pytest.raises(ValueError, match="batch_size"):
+        F.length_grouped_batches(lengths, batch_size=0, seed=1)
 
 
 def test_tokenizer_fingerprint_is_identity_not_call_state(tiny_tokenizer):

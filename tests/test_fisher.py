@@ -14,6 +14,7 @@ from transformers import (
     BertForTokenClassification,
 )
 
+from ofa_lib import io
 from ofa_lib.train import fisher
 
 
@@ -221,7 +222,7 @@ def test_cached_diagonal_is_computed_once_and_recomputed_for_other_bytes(tmp_pat
     path, computed = fisher.cached_diagonal(ckpt, opts, tmp_path / "cache", compute)
     assert computed and len(calls) == 1 and path.parent == tmp_path / "cache"
     meta = ckpt_io.read_metadata(path)
-    assert meta[fisher.CHECKPOINT_SHA_KEY] == ckpt_io.file_sha256(ckpt) and meta[fisher.EXAMPLES_KEY] == "8"
+    assert meta[fisher.CHECKPOINT_SHA_KEY] == io.file_sha256(ckpt) and meta[fisher.EXAMPLES_KEY] == "8"
     assert fisher.cached_diagonal(ckpt, opts, tmp_path / "cache", compute) == (path, False) and len(calls) == 1
     assert [p.name for p in (tmp_path / "cache").iterdir()] == [path.name]  # no temp litter
     # other options: another file
@@ -233,7 +234,7 @@ def test_cached_diagonal_is_computed_once_and_recomputed_for_other_bytes(tmp_pat
     with pytest.warns(UserWarning, match="does not belong"):
         again, computed = fisher.cached_diagonal(ckpt, opts, tmp_path / "cache", compute)
     assert again == path and computed and len(calls) == 3
-    assert ckpt_io.read_metadata(path)[fisher.CHECKPOINT_SHA_KEY] == ckpt_io.file_sha256(ckpt)
+    assert ckpt_io.read_metadata(path)[fisher.CHECKPOINT_SHA_KEY] == io.file_sha256(ckpt)
     # the checkpoint's bytes change: its hash names another file, computed afresh
     ckpt_io.save_checkpoint({"w": torch.full((3,), 2.0)}, ckpt)
     changed, computed = fisher.cached_diagonal(ckpt, opts, tmp_path / "cache", compute)

@@ -310,6 +310,7 @@ def test_a_half_failed_submission_cancels_what_it_queued(tmp_outputs, tmp_path, 
 
 
 # --------------------------------------------------------------------------- failures
+@pytest.mark.reliability
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA to make runs fail")
 def test_failed_runs_are_recorded_and_the_rest_continue(tmp_outputs, tmp_path):
     path = write_grid(tmp_path, head_tuning=None, train={"device": "cuda", "head": "init:0"},
@@ -331,6 +332,7 @@ def test_failed_runs_are_recorded_and_the_rest_continue(tmp_outputs, tmp_path):
     assert len(list(grid.runs[0].dir.glob("failure.*.json"))) == 1
 
 
+@pytest.mark.reliability
 # --------------------------------------------------------------------------- local backend, killed and resumed
 def test_local_grid_killed_with_sigkill_resumes_to_the_same_report(tmp_outputs):
     """Kill the runner (SIGKILL, main process only) during a grid run's training: its pool worker and
@@ -395,6 +397,7 @@ def _stop_kernel_at_step(run_dir: Path, step: int, stopped: dict, deadline_s: fl
         time.sleep(0.1)
 
 
+@pytest.mark.reliability
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_a_stopped_kernel_is_given_up_and_the_grid_goes_on(tmp_outputs, tmp_path):
@@ -442,6 +445,34 @@ def test_a_pipeline_notebook_past_its_run_timeout_is_killed_and_named(tmp_path):
                            run_timeout=0.5)
     assert time.time() - start < 60
     assert (out.parent / "03_average.failed.ipynb").is_file() and not list(out.parent.glob(".*"))
+
+
+def test_pipeline_kernels_talk_over_ipc_not_tcp(tmp_path, capfd):
+    """No TCP port on a shared node, and no ipykernel warning about it on the runner's terminal."""
+    assert grid_execute.kernel_config().KernelManager.transport == "ipc"
+    with pytest.raises(Exception, match="runs_root"):  # fails in its first cells: a kernel was started and used
+        grid_execute.execute_notebook("03_average.ipynb", tmp_path / "03_average.ipynb",
+                                      {"task": "sib", "runs_root": str(tmp_path / "none")})
+    assert "without encryption" not in capfd.readouterr().err
+
+
+def test_sweep_lists_the_best_english_dev_of_each_finished_run(tmp_path, tmp_outputs, capsys):
+    """`grid sweep`: a learning-rate sweep's table, English dev only, best first; unfinished runs left out."""
+    from ofa_lib.train import runs as runs_lib
+    from ofa_lib.train import training
+
+    path = write_grid(tmp_path, head_tuning=None, train={"head": "init:0", "train_subsample": 24, "dev_subsample": 8,
+                                                         "test_subsample": 8, "target_langs": {"xnli": ["de"]}})
+    grid = grid_spec.load_grid(path)
+    assert grid_cli.main(["sweep", str(path)]) == 1 and "no finished runs yet" in capsys.readouterr().out
+    training.run_training(grid.runs[0].cfg, grid.runs_root, progress=False)
+    table = grid_status.sweep_table(grid)
+    curve = runs_lib.snapshot_curves(runs_lib.load_run(grid.runs[0].dir))["English dev"]
+    assert list(table["run_id"]) == [grid.runs[0].run_id] and table["lr"].iloc[0] == grid.runs[0].cfg.lr
+    assert table["best English dev"].iloc[0] == round(100 * curve.max(), 1)
+    assert table["last English dev"].iloc[0] == round(100 * curve.iloc[-1], 1)
+    assert 1 <= table["at snapshot"].iloc[0] <= grid.runs[0].cfg.num_snapshots
+    assert grid_cli.main(["sweep", str(path)]) == 0 and grid.runs[0].run_id in capsys.readouterr().out
 
 
 def test_report_steps_take_a_lock(tmp_outputs, capsys):
@@ -511,6 +542,7 @@ def test_progress_beats_carry_the_total_for_the_runner(tmp_path, monkeypatch):
     assert progress.describe(progress.read(tmp_path / "p.json")) == "step 5/20 (scoring snapshot 1/10)"
 
 
+@pytest.mark.reliability
 @pytest.mark.slow
 def test_sigterm_stops_a_local_grid_gracefully_and_the_rerun_finishes_it(tmp_outputs):
     """SIGTERM to `grid run` during a run's training: within 60 s the runner exits (130) with that run's resume

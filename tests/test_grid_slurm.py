@@ -21,6 +21,8 @@ from ofa_lib.grid import state as grid_state
 from ofa_lib.grid import status as grid_status
 from ofa_lib.paths import REPO_ROOT
 
+pytestmark = pytest.mark.reliability  # make test-reliability: a real one-node SLURM
+
 
 @pytest.fixture
 def slurm(tmp_path, monkeypatch):
@@ -147,7 +149,7 @@ def test_scontrol_requeue_of_a_running_task_resumes_from_its_state(slurm, tmp_ou
     an uninterrupted run."""
     import pandas as pd
 
-    from ofa_lib.merge import averaging
+    from ofa_lib.models import ckpt_io
     from ofa_lib.train import training
 
     grid = _grid_file(tmp_path, head_tuning=None, grid={"lr": [1.0e-4], "batch_size": [8], "seed": [1]},
@@ -188,6 +190,6 @@ def test_scontrol_requeue_of_a_running_task_resumes_from_its_state(slurm, tmp_ou
     assert ours.value.tolist() == ref.value.tolist()
     for name in ("last", "ca", "src_dev", "trg_dev"):  # the weights too, tensor for tensor (file bytes differ:
         # safetensors writes its metadata in a per-process order)
-        a = averaging.load_checkpoint(run.dir / "checkpoints" / f"{name}.safetensors")
-        b = averaging.load_checkpoint(reference / "checkpoints" / f"{name}.safetensors")
+        a = ckpt_io.load_checkpoint(run.dir / "checkpoints" / f"{name}.safetensors")
+        b = ckpt_io.load_checkpoint(reference / "checkpoints" / f"{name}.safetensors")
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from ofa_lib import io
 from ofa_lib.merge import cli as merge_cli
 from ofa_lib.merge import crossrun, merging
 from ofa_lib.models import ckpt_io
@@ -221,8 +222,8 @@ def test_ofa_merge_command(tmp_path, capsys):
     assert meta[merging.METHOD_KEY] == "ties(density=0.5,lambda=0.8)"
     assert json.loads(meta[merging.OPTIONS_KEY]) == {"density": 0.5, "lambda": 0.8}
     inputs = json.loads(meta[merging.INPUTS_KEY])
-    assert [i["sha256"] for i in inputs] == [ckpt_io.file_sha256(p) for p in paths] and inputs[0]["run_id"] == "run0"
-    assert json.loads(meta[merging.BASE_KEY])["sha256"] == ckpt_io.file_sha256(base_file)
+    assert [i["sha256"] for i in inputs] == [io.file_sha256(p) for p in paths] and inputs[0]["run_id"] == "run0"
+    assert json.loads(meta[merging.BASE_KEY])["sha256"] == io.file_sha256(base_file)
     assert meta["ofa_head_fingerprint"] == FP
     # errors: exit status 2, the file named, nothing written
     save_checkpoint(dict(thetas[0], **{"layer.bias": torch.zeros(6)}), tmp_path / "wide.safetensors",
@@ -250,8 +251,8 @@ def _fishers(tmp: Path, paths: list[Path], spec, seed: int = 1, zero: str = "lay
             f = torch.rand(s, generator=gen) ** 3 * 1e-3
             f[torch.rand(s, generator=gen) < 0.2] = 0.0
             diag[k] = torch.zeros(s) if k == zero else f
-        out.append(fisher.diagonal_file(tmp / "fisher", ckpt_io.file_sha256(p), opts))
-        fisher.save_diagonal(diag, out[-1], checkpoint_sha256=ckpt_io.file_sha256(p), options=opts, examples=8)
+        out.append(fisher.diagonal_file(tmp / "fisher", io.file_sha256(p), opts))
+        fisher.save_diagonal(diag, out[-1], checkpoint_sha256=io.file_sha256(p), options=opts, examples=8)
         values.append({k: v.double().numpy() for k, v in diag.items()})
     return out, values
 
@@ -300,7 +301,7 @@ def test_fisher_refuses_diagonals_of_other_checkpoints_or_options(tmp_path):
     with pytest.raises(merging.MergeSpecError, match="one Fisher diagonal per input"):
         next(merging.incremental_states(spec, paths))
     short = tmp_path / "short.safetensors"
-    sha = ckpt_io.file_sha256(paths[0])
+    sha = io.file_sha256(paths[0])
     fisher.save_diagonal({"emb.weight": torch.ones(SHAPES["emb.weight"])}, short, checkpoint_sha256=sha,
                          options=fisher.diagonal_options(spec.opts), examples=8)
     with pytest.raises(CheckpointMismatchError, match=r"short.safetensors has no tensor 'head.weight'"):
@@ -325,7 +326,7 @@ def test_ofa_merge_fisher(tmp_path, capsys):
                                    rtol=2e-6, atol=2e-6)
     meta = read_metadata(out)
     assert meta[merging.METHOD_KEY] == "fisher(examples=8,floor=1e-09,labels='argmax',seed=0,split='dev')"
-    assert [f["sha256"] for f in json.loads(meta[merging.FISHERS_KEY])] == [ckpt_io.file_sha256(f) for f in fpaths]
+    assert [f["sha256"] for f in json.loads(meta[merging.FISHERS_KEY])] == [io.file_sha256(f) for f in fpaths]
     capsys.readouterr()
     assert merge_cli.main(args + [str(p) for p in paths]) == 2 and "--fisher F once per input" in capsys.readouterr().err
     assert merge_cli.main(args + ["--fisher", str(fpaths[1]), "--fisher", str(fpaths[0]), str(paths[0]), str(paths[1])]) == 2

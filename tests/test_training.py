@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 
 from ofa_lib import io
 from ofa_lib.merge import averaging
+from ofa_lib.models import ckpt_io
 from ofa_lib.train import config, training
 from ofa_lib.train.config import ConfigError
 
@@ -49,6 +50,8 @@ def finished(tmp_path_factory):
     (dict(top_k="two"), "top_k"),
     (dict(freeze_embeddings="no"), "freeze_embeddings"),
     (dict(trim_vocab="False"), "trim_vocab"),
+    (dict(group_by_length="yes"), "group_by_length"),
+    (dict(source_dev_subsample=0), "source_dev_subsample"),
     (dict(lr="1e-4"), "lr"),
     (dict(epochs=1.5), "epochs"),
     (dict(target_langs={"xnli": []}), "target_langs"),
@@ -122,7 +125,7 @@ def test_snapshot_schedule_and_decay_groups():
 
 # ----------------------------------------------------------------------------- online variants
 def load(path: Path) -> dict[str, torch.Tensor]:
-    return averaging.load_checkpoint(path, dtype=torch.float32)
+    return ckpt_io.load_checkpoint(path, dtype=torch.float32)
 
 
 def test_output_contract(finished):
@@ -138,7 +141,7 @@ def test_output_contract(finished):
                                      "xnli/sw/validation", "xnli/de/test", "xnli/sw/test"}
     assert manifest["data_summary"].startswith("mirror ") and "(6 files)" in manifest["data_summary"]
     for name in ("last", "src_dev", "ca", "trg_dev", "topk_0", "topk_1", "topk_2"):
-        meta = averaging.read_metadata(out / "checkpoints" / f"{name}.safetensors")
+        meta = ckpt_io.read_metadata(out / "checkpoints" / f"{name}.safetensors")
         assert meta["ofa_head_fingerprint"] == manifest["head_fingerprint"]
     metrics = pd.read_parquet(out / "metrics.parquet")
     assert set(metrics.kind) == {"snapshot", "variant"}
@@ -221,6 +224,23 @@ def test_interrupted_run_resumes_to_identical_metrics(finished, tmp_path):
     pd.testing.assert_frame_equal(values(partial), values(out))  # resumed == uninterrupted, bit for bit
 
 
+def test_the_english_dev_set_can_have_its_own_subsample():
+    """SRC-DEV selects on English dev: a grid can score it on more sentences than each of many target dev sets."""
+    prep = training.prepare(smoke(source_dev_subsample=12, dev_subsample=4))
+    assert [len(s) for s in prep.dev_sets] == [12, 4, 4] and prep.dev_sets[0].lang == "en"
+
+
+def test_length_grouped_batches_train_and_keep_old_run_ids(finished, tmp_path):
+    """The batches are a pure function of (seed, epoch) (tests/test_features.py), so a resumed run replays them
+    as it does random ones (test_interrupted_run_resumes_to_identical_metrics); here: a run trains on them."""
+    cfg, out, _ = finished
+    grouped = smoke(group_by_length=True)
+    assert smoke(group_by_length=False).run_id == cfg.run_id != grouped.run_id
+    path = training.run_training(grouped, tmp_path, progress=False)
+    assert json.loads((path / "manifest.json").read_text())["params"]["group_by_length"] is True
+    assert not values(path)["value"].equals(values(out)["value"])  # other batches, other weights
+
+
 # ----------------------------------------------------------------------------- heads
 @pytest.mark.parametrize("sig, at_step", [(signal.SIGUSR1, 3), (signal.SIGTERM, 5)])
 def test_a_signal_writes_one_resume_file_between_snapshots_and_the_rerun_resumes_exactly(finished, tmp_path, monkeypatch,
@@ -250,15 +270,15 @@ def test_a_signal_writes_one_resume_file_between_snapshots_and_the_rerun_resumes
     manifest = json.loads((partial / "manifest.json").read_text())
     assert manifest["status"] == "interrupted" and manifest["resume_writes"] == 2  # snapshot 1, then the signal
     assert sorted(p.name for p in (partial / "resume").iterdir()) == ["state.safetensors"]
-    meta = json.loads(averaging.read_metadata(partial / "resume" / "state.safetensors")["ofa_resume"])
+    meta = json.loads(ckpt_io.read_metadata(partial / "resume" / "state.safetensors")["ofa_resume"])
     assert meta["state"]["step"] == at_step and meta["state"]["threads"] == torch.get_num_threads()
     training.run_training(cfg, tmp_path, progress=False)
     pd.testing.assert_frame_equal(values(partial), values(out))
     done = json.loads((partial / "manifest.json").read_text())
     assert done["variants"] == json.loads((out / "manifest.json").read_text())["variants"]
     for variant in done["variants"]:
-        a = averaging.load_checkpoint(partial / "checkpoints" / f"{variant}.safetensors")
-        b = averaging.load_checkpoint(out / "checkpoints" / f"{variant}.safetensors")
+        a = ckpt_io.load_checkpoint(partial / "checkpoints" / f"{variant}.safetensors")
+        b = ckpt_io.load_checkpoint(out / "checkpoints" / f"{variant}.safetensors")
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), variant
     assert pd.read_parquet(partial / "train_log.parquet")[["step", "loss", "grad_norm", "lr"]].equals(
         pd.read_parquet(out / "train_log.parquet")[["step", "loss", "grad_norm", "lr"]])
@@ -278,17 +298,18 @@ def test_head_training_then_frozen_aligned_heads(tmp_path):
     assert fingerprints[0] == fingerprints[1]
     other = training.run_training(smoke(head="init:7", top_k=0), tmp_path, progress=False)
     assert json.loads((other / "manifest.json").read_text())["head_fingerprint"] != fingerprints[0]
-    with pytest.raises(averaging.CheckpointMismatchError):
+    with pytest.raises(ckpt_io.CheckpointMismatchError):
         averaging.average_checkpoints([out / "checkpoints" / "last.safetensors", other / "checkpoints" / "last.safetensors"])
 
 
 def test_head_file_that_does_not_fit_is_refused(tmp_path):
     bad = tmp_path / "head.safetensors"
-    averaging.save_checkpoint({"classifier.weight": torch.zeros(5, 384)}, bad)
+    ckpt_io.save_checkpoint({"classifier.weight": torch.zeros(5, 384)}, bad)
     with pytest.raises(ValueError, match="head=.*does not fit"):
         training.run_training(smoke(head=str(bad), top_k=0), tmp_path / "runs", progress=False)
 
 
+@pytest.mark.reliability
 # ----------------------------------------------------------------------------- killed runs
 def test_sigkill_leaves_no_corrupt_checkpoint(tmp_path):
     """Kill a training process at random points; every checkpoint left must load whole."""
@@ -329,6 +350,7 @@ def _train_in_subprocess(cfg: config.TrainConfig, root: Path, **env: str) -> sub
     return subprocess.run([sys.executable, "-c", code], env=dict(os.environ, **env), capture_output=True, text=True)
 
 
+@pytest.mark.reliability
 @pytest.mark.slow
 @pytest.mark.timeout(3600)  # 12 kill points × (a killed run + its re-run), each a model load and the final scoring
 def test_kill_at_every_write_of_the_final_phase_resumes_to_identical_metrics(finished, tmp_path, monkeypatch):
@@ -382,14 +404,14 @@ def test_checkpoints_carry_their_hash_and_a_changed_one_is_refused_naming_run_an
     manifest = json.loads((out / "manifest.json").read_text())
     assert set(recorded) == {f"checkpoints/{v}.safetensors" for v in manifest["variants"]}
     for name, digest in recorded.items():
-        assert ckpt_io.file_sha256(out / name) == digest
+        assert io.file_sha256(out / name) == digest
     shutil.copytree(out, tmp_path / cfg.run_id)
     assert len(crossrun.find_runs(tmp_path, "nli")) == 1
     last = tmp_path / cfg.run_id / "checkpoints" / "last.safetensors"
-    state = averaging.load_checkpoint(last)
+    state = ckpt_io.load_checkpoint(last)
     key = next(k for k in state if k.endswith("classifier.weight"))
     state[key] = state[key] + 1e-3  # finite, plausible, silent
-    save_file(state, str(last), metadata=averaging.read_metadata(last))
+    save_file(state, str(last), metadata=ckpt_io.read_metadata(last))
     with pytest.raises(ckpt_io.CorruptCheckpointError, match=rf"run {cfg.run_id}: .*last.safetensors is not the file the run wrote"):
         crossrun.find_runs(tmp_path, "nli")
 
@@ -488,6 +510,9 @@ def test_grad_accum_steps_keeps_the_effective_batch_and_new_knobs_keep_old_ids()
     base = config.make_config("nli", "smoke", precision="fp32")
     assert config.make_config("nli", "smoke", precision="fp32", log_every=7, resume_every_minutes=5).run_id == base.run_id
     assert config.make_config("nli", "smoke", precision="fp32", grad_accum_steps=2).run_id != base.run_id
+    assert config.make_config("nli", "smoke", precision="fp32", source_dev_subsample=None).run_id == base.run_id
+    own = config.make_config("nli", "smoke", precision="fp32", source_dev_subsample=40)
+    assert own.run_id != base.run_id and [own.dev_subsample_of(i) for i in range(3)] == [40, own.dev_subsample, own.dev_subsample]
     with pytest.raises(ConfigError, match=r"parameter grad_accum_steps=3.*divisor of batch_size=8"):
         config.make_config("nli", "smoke", grad_accum_steps=3)
     with pytest.raises(ConfigError, match=r"parameter grad_accum_steps=2.*optimizer='sam'"):

@@ -13,8 +13,7 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification
 
 from ofa_lib.analysis import unfreezing_report
-from ofa_lib.merge import averaging
-from ofa_lib.models import adapters
+from ofa_lib.models import adapters, ckpt_io
 from ofa_lib.train import config, training, unfreezing
 from ofa_lib.train.config import ConfigError
 
@@ -85,9 +84,9 @@ def test_adapter_checkpoint_round_trip(tmp_path):
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.01)
-    averaging.save_checkpoint(model.state_dict(), tmp_path / "a.safetensors")
+    ckpt_io.save_checkpoint(model.state_dict(), tmp_path / "a.safetensors")
     fresh = tiny_model(with_adapters=True).eval()
-    fresh.load_state_dict(averaging.load_checkpoint(tmp_path / "a.safetensors"), strict=True)
+    fresh.load_state_dict(ckpt_io.load_checkpoint(tmp_path / "a.safetensors"), strict=True)
     ids = torch.tensor([[2, 5, 7, 9]])
     assert torch.equal(model(input_ids=ids).logits, fresh(input_ids=ids).logits)
     plain = tiny_model().eval()
@@ -183,7 +182,7 @@ def test_real_run_with_adapters_records_schedule_and_fisher_and_resumes_identica
     # the base model and the never-unfrozen adapters are exactly as they started; the top adapter trained
     prep = training.prepare(cfg)
     start = prep.model.state_dict()
-    last = averaging.load_checkpoint(full / "checkpoints" / "last.safetensors", dtype=torch.float32)
+    last = ckpt_io.load_checkpoint(full / "checkpoints" / "last.safetensors", dtype=torch.float32)
     assert set(last) == set(start)  # adapter checkpoints load into prepare()'s model (crossrun averages them)
     never = [b for b in unf["blocks"] if b not in {e["block"] for e in unf["events"]}]
     adapter_names = {n for b in unfreezing.model_blocks(prep.model).values() for n in b}

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from ofa_lib import results as R
 from ofa_lib.io import write_parquet
 from ofa_lib.merge import averaging, crossrun
+from ofa_lib.models import ckpt_io
 from ofa_lib.results import selection
 from ofa_lib.train import measures, training
 from ofa_lib.train.config import TrainConfig
@@ -139,7 +140,7 @@ def measure_table(runs: pd.DataFrame, names: Sequence[str], *, variants: Sequenc
             file = Path(path) / "checkpoints" / f"{variant}.safetensors"
             if not file.is_file():
                 raise FileNotFoundError(f"run {run_id} has no {variant} checkpoint ({file}); pass variants= that it keeps")
-            values = sk.measure(averaging.load_checkpoint(file, dtype=torch.float32), missing, options)
+            values = sk.measure(ckpt_io.load_checkpoint(file, dtype=torch.float32), missing, options)
             new += measures.rows(values, run_id=run_id, kind="variant", name=variant, step=-1, epoch=float("nan"))
     fresh = pd.DataFrame(new, columns=measures.MEASURE_COLUMNS).assign(source="computed", settings=settings)
     if cache_path and len(fresh):

@@ -132,8 +132,7 @@ def plot_truncation(lengths: pd.DataFrame, max_length: int, qa: bool = False, ti
 # ---------------------------------------------------------------- 02 one run
 def plot_training(run: runs.Run) -> "Figure":
     """Training loss (left) and snapshot dev scores (right)."""
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.6))
     if not run.train_log.empty:
         log = run.train_log

@@ -422,38 +422,52 @@ def wide_merge_table(mt: pd.DataFrame) -> pd.DataFrame:
     return wide[list(dict.fromkeys(mt["method"]))]
 
 
-def merge_sentence(mt: pd.DataFrame) -> str:
-    """Which merge method is best at the largest r (any variant), by how much over the uniform
-    mean and over Max SRC-DEV of that variant, with the spread over samplings."""
+def merge_sentence(mt: pd.DataFrame, ps: pd.DataFrame | None = None) -> str:
+    """Per task, at the largest r whose samplings still hold different runs (from ``ps``, the per-sampling
+    scores; the largest r without it): which merge is best (any variant) and by how much over the uniform mean
+    and Max SRC-DEV of that variant, then the methods ranked on the weights most of them were computed on, each
+    against the uniform mean there, with the spread over samplings."""
     if mt.empty:
         return "No merge rows in the results (run 03_average with `methods`)."
+    flags = S.same_runs(ps) if ps is not None and len(ps) else pd.DataFrame(columns=["task", "r", "same_runs"])
+
+    def cell(row) -> str:
+        return f"{row['mean']:.1f} ± {0 if pd.isna(row['std']) else row['std']:.1f}"
+
     out = []
     for task, t in mt.groupby("task", sort=False):
-        r = int(t["r"].max())
+        r_max = int(t["r"].max())
+        same = set(flags.loc[(flags["task"] == task) & flags["same_runs"].astype(bool), "r"].astype(int))
+        spread_rs = sorted(set(t["r"].astype(int)) - same)
+        r = spread_rs[-1] if spread_rs else r_max
         at = t[t["r"] == r]
         merges = at[~at["method"].isin(["max_src_dev", "max_trg_dev"])]
         if merges.empty:
             continue
         best = merges.sort_values("mean", ascending=False, kind="stable").iloc[0]
-        same = at[at["variant"] == best["variant"]].set_index("method")
-
-        def cell(row) -> str:
-            return f"{row['mean']:.1f} ± {0 if pd.isna(row['std']) else row['std']:.1f}"
-
-        parts = [f"{TASK_LABEL.get(task, task)}, r = {r}: the best merge is **{best['method']}** on "
-                 f"{VARIANT_LABEL.get(best['variant'], best['variant'])} weights, {cell(best)} "
-                 f"(mean ± std over {int(best['n'])} samplings)"]
-        for ref, label in ((R.UNIFORM, "the uniform mean"), ("max_src_dev", "Max. SRC-DEV")):
-            if ref in same.index and ref != best["method"]:
-                gap = best["mean"] - same.loc[ref, "mean"]
-                spread = max(float(np.nan_to_num(best["std"])), float(np.nan_to_num(same.loc[ref, "std"])))
+        ref = at[at["variant"] == best["variant"]].set_index("method")
+        parts = [f"{TASK_LABEL.get(task, task)}, r = {r}"
+                 + (f" (the largest r whose samplings hold different runs; at r = {r_max} every sampling holds the "
+                    "same runs, so its spread says nothing)" if r != r_max else "")
+                 + f": the best merge is **{best['method']}** on {VARIANT_LABEL.get(best['variant'], best['variant'])} "
+                 f"weights, {cell(best)} (mean ± std over {int(best['n'])} samplings)"]
+        for name, label in ((R.UNIFORM, "the uniform mean"), ("max_src_dev", "Max. SRC-DEV")):
+            if name in ref.index and name != best["method"]:
+                gap = best["mean"] - ref.loc[name, "mean"]
+                spread = max(float(np.nan_to_num(best["std"])), float(np.nan_to_num(ref.loc[name, "std"])))
                 note = " (within one standard deviation)" if abs(gap) <= spread else ""
-                parts.append(f"{gap:+.1f} over {label} ({cell(same.loc[ref])}){note}")
-        if "max_trg_dev" in same.index:
-            parts.append(f"Max. TRG-DEV (oracle) {cell(same.loc['max_trg_dev'])}")
-        others = merges[merges["variant"] == best["variant"]].sort_values("mean", ascending=False)
-        if len(others) > 1:
-            parts.append("ranking on these weights: " + " > ".join(f"{m} {v:.1f}" for m, v in zip(others["method"], others["mean"])))
+                parts.append(f"{gap:+.1f} over {label} ({cell(ref.loc[name])}){note}")
+        if "max_trg_dev" in ref.index:
+            parts.append(f"Max. TRG-DEV (oracle) {cell(ref.loc['max_trg_dev'])}")
+        # the methods side by side: on the variant most of them were computed on (a grid may restrict them)
+        per_variant = merges.groupby("variant", sort=False)["method"].nunique()
+        variant = per_variant.idxmax()
+        ranked = merges[merges["variant"] == variant].sort_values("mean", ascending=False, kind="stable")
+        if len(ranked) > 1:
+            uni = ranked.set_index("method")["mean"].get(R.UNIFORM)
+            parts.append(f"the methods on {VARIANT_LABEL.get(variant, variant)} weights: " + " > ".join(
+                f"{m} {cell(row)}" + (f" ({row['mean'] - uni:+.1f} over uniform)" if uni is not None and m != R.UNIFORM else "")
+                for m, row in zip(ranked["method"], ranked.to_dict("records"))))
         out.append("; ".join(parts) + ".")
     return " ".join(out) or "No merge rows in the results."
 
@@ -504,6 +518,17 @@ def main(argv: Iterable[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def diagnosis_folder(value: str | os.PathLike | None, out_dir: str | os.PathLike) -> Path | None:
+    """The folder 04 shows a CA diagnosis from: None for None; for ``"auto"``, ``<out_dir>/diagnosis`` when a
+    diagnosis was written there (else None); any other value is the folder itself."""
+    if value is None:
+        return None
+    if str(value) == "auto":
+        folder = Path(out_dir) / "diagnosis"
+        return folder if (folder / "diagnosis.md").is_file() else None
+    return Path(value)
 
 
 def diagnosis_markdown(folder: str | os.PathLike | None) -> str:

@@ -882,5 +882,14 @@ def describe_sources(records: dict[str, dict[str, Any]]) -> str:
     hubs = sorted({f"{r['repo']}@{r.get('commit') or r.get('git_commit') or r.get('revision', 'main')}"
                    + (" (local clone)" if r.get("source") == "hub-local" else "")
                    for r in records.values() if r.get("source") in ("hub", "hub-local")})
-    parts = [f"mirror {root} ({files} files)" for root in mirror] + [f"hub {h}" for h in hubs]
+    parts = [f"mirror {_beside_repo(root)} ({files} files)" for root in mirror] + [f"hub {h}" for h in hubs]
     return "; ".join(parts) or "unknown"
+
+
+def _beside_repo(root: str) -> str:
+    """A mirror folder next to the repository (``../shared/data``) as a path relative to it, so that reports read
+    the same on every clone; elsewhere as recorded."""
+    path = Path(root)
+    if path.is_absolute() and path.resolve().is_relative_to(REPO_ROOT.parent):
+        return os.path.relpath(path.resolve(), REPO_ROOT)
+    return root

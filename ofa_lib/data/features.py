@@ -6,7 +6,8 @@
   (class, vocabulary size and a hash of its whole pipeline), the options and
   ``FEATURES_VERSION``; a second call with the same inputs reads the file back.
 - ``qa_postprocess``: SQuAD v1.1 span selection over all windows of each question.
-- ``collate``: dynamic padding; ``length_sorted_batches`` / ``restore_order``: fast evaluation.
+- ``collate``: dynamic padding; ``length_sorted_batches`` / ``restore_order``: fast evaluation;
+  ``length_grouped_batches``: training batches of similar length (``group_by_length``).
 
 Only the standard fast-tokenizer API is used (``__call__``, ``word_ids()``, offsets,
 ``pad_token_id``, ``cls_token_id``).
@@ -411,6 +412,33 @@ def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[
         raise ValueError(f"batch_size={batch_size} must be >= 1")
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     return [order[k : k + batch_size] for k in range(0, len(order), batch_size)]
+
+
+def length_grouped_batches(lengths: Sequence[int], batch_size: int, seed: int, mega: int = 8) -> list[list[int]]:
+    """One epoch of training batches whose rows have similar lengths, so little of each padded batch is padding.
+
+    As Hugging Face's ``group_by_length``: a seeded shuffle, cut into mega-batches of ``mega × batch_size``
+    rows, each sorted by length (longest first) and cut into batches; then the batches are shuffled, so
+    neither the epoch nor a snapshot interval runs from long to short. Why ``mega = 8`` (HF: 50): at CPU
+    scale a data set is a few hundred rows, and 50 batches would sort all of it, giving every epoch and
+    every seed the same batches; 8 keep them random (SIB-200's 701 sentences, batch 16: padded tokens
+    1.13× the real ones, against 1.61× for random batches and 1.02× with 50). Same ``seed``, same batches (a
+    resumed run replays its epoch). Concatenated, the batches are a permutation of ``range(len(lengths))``,
+    and only the epoch's last batch can be short.
+    """
+    if batch_size < 1 or mega < 1:
+        raise ValueError(f"batch_size={batch_size} and mega={mega} must be >= 1")
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(lengths)).tolist()
+    size = mega * batch_size
+    batches: list[list[int]] = []
+    for k in range(0, len(order), size):
+        chunk = sorted(order[k : k + size], key=lambda i: -lengths[i])  # stable: ties keep the shuffled order
+        batches += [chunk[j : j + batch_size] for j in range(0, len(chunk), batch_size)]
+    short = [b for b in batches if len(b) < batch_size]  # at most one per mega-batch: pool them at the end
+    full = [batches[i] for i in rng.permutation(len(batches)).tolist() if len(batches[i]) == batch_size]
+    rest = sorted((i for b in short for i in b), key=lambda i: -lengths[i])
+    return full + [rest[j : j + batch_size] for j in range(0, len(rest), batch_size)]
 
 
 def restore_order(batches: Sequence[Sequence[int]], outputs: Sequence[Any]) -> list[Any]:

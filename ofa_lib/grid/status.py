@@ -37,3 +37,25 @@ def plan_table(grid: Grid, with_scheduler: bool = True) -> "pd.DataFrame":
             row["error"] = json.loads(failure_path(run).read_text()).get("error", "")[:120]
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def sweep_table(grid: Grid) -> "pd.DataFrame":
+    """One row per finished grid run: its grid values, its best English dev score (primary metric, ×100) over
+    its snapshots and the snapshot that gave it, and its last snapshot's; sorted best first. A learning-rate
+    sweep reads its centre off this table (English data only, as zero-shot transfer allows)."""
+    import pandas as pd
+
+    from ofa_lib.train import runs as runs_lib
+
+    rows = []
+    for run in grid.runs:
+        if run.role != "grid" or run_state(grid, run) != "done":
+            continue
+        curve = runs_lib.snapshot_curves(runs_lib.load_run(run.dir))["English dev"].dropna()
+        row = {k: getattr(run.cfg, k) for k in grid.axes}
+        row.update({"run_id": run.run_id, "best English dev": round(100 * curve.max(), 1),
+                    "at snapshot": int(curve.reset_index(drop=True).idxmax()) + 1,
+                    "last English dev": round(100 * curve.iloc[-1], 1)})
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    return table.sort_values("best English dev", ascending=False, kind="stable") if len(table) else table

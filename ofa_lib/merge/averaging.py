@@ -1,8 +1,7 @@
 """Weight averaging of fine-tuned checkpoints: streaming and running means, soups.
 
 File I/O (headers, loading, saving, the row-block reader, compatibility checks) lives in
-:mod:`ofa_lib.models.ckpt_io`; its public names are re-exported here for the callers that predate the
-split (training, label_free, tests). Other merge rules (task arithmetic, TIES, DARE, ...) are in
+:mod:`ofa_lib.models.ckpt_io`. Other merge rules (task arithmetic, TIES, DARE, ...) are in
 :mod:`ofa_lib.merge.merging`.
 
 - :func:`average_checkpoints`: streaming weighted mean, key by key across all files, fp32
@@ -25,26 +24,21 @@ from typing import Callable, Iterable, Iterator, Sequence
 import torch
 
 from ofa_lib.models import ckpt_io
-from ofa_lib.models.ckpt_io import (  # noqa: F401  (re-exported: the pre-split public names of this module)
+from ofa_lib.models.ckpt_io import (
     AVERAGE_INPUTS_KEY,
     AVERAGE_METHOD_KEY,
-    BLOCK,
     FINGERPRINT_KEY,
     RUN_ID_KEY,
-    SHOW,
     CheckpointInfo,
     CheckpointMismatchError,
-    NonFiniteError,
     PathLike,
     StateDict,
     TensorReader,
     check_compatible,
     check_finite,
     checkpoint_info,
-    head_fingerprint,
     inspect_all,
     load_checkpoint,
-    read_metadata,
     row_blocks,
     save_checkpoint,
 )

@@ -636,13 +636,13 @@ def execute_pass(plan: CrossRunPlan, store: _Store, *, keep_checkpoints: bool = 
 
     def save(it: _Item, state: dict[str, torch.Tensor]) -> None:
         if keep_checkpoints and not ckpt_path(it).is_file():
-            info = averaging.checkpoint_info(it.paths[0])
-            meta = {averaging.FINGERPRINT_KEY: info.fingerprint or "",
-                    averaging.AVERAGE_METHOD_KEY: ("running_mean" if it.spec.method == "uniform" else it.method)
+            info = ckpt_io.checkpoint_info(it.paths[0])
+            meta = {ckpt_io.FINGERPRINT_KEY: info.fingerprint or "",
+                    ckpt_io.AVERAGE_METHOD_KEY: ("running_mean" if it.spec.method == "uniform" else it.method)
                     if it.kind == "average" else "uniform_soup",
-                    averaging.AVERAGE_INPUTS_KEY: json.dumps([str(p) for p in it.paths]),
+                    ckpt_io.AVERAGE_INPUTS_KEY: json.dumps([str(p) for p in it.paths]),
                     "ofa_content_key": json.dumps(it.key), "ofa_members": it.members_str}
-            averaging.save_checkpoint(state, ckpt_path(it), metadata=meta)
+            ckpt_io.save_checkpoint(state, ckpt_path(it), metadata=meta)
 
     def needs_weights(it: _Item) -> bool:
         return it.status == "evaluate" or (keep_checkpoints and not ckpt_path(it).is_file())
@@ -781,8 +781,8 @@ def _write_base(prep: "training.Prepared", path: Path, fps: set) -> None:
     if fps != {prep.head_fingerprint}:
         raise IncompatibleRunsError(f"θ₀ built from the first run's config has head fingerprint {prep.head_fingerprint}, "
                                     f"the runs {sorted(map(str, fps))}: refusing to merge task vectors")
-    averaging.save_checkpoint({k: v.detach() for k, v in prep.model.state_dict().items()}, path, dtype=torch.float32,
-                              metadata={averaging.FINGERPRINT_KEY: prep.head_fingerprint, "ofa_base": "theta0"})
+    ckpt_io.save_checkpoint({k: v.detach() for k, v in prep.model.state_dict().items()}, path, dtype=torch.float32,
+                              metadata={ckpt_io.FINGERPRINT_KEY: prep.head_fingerprint, "ofa_base": "theta0"})
 
 
 class _Greedy:

@@ -53,6 +53,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
+from ofa_lib import io
 from ofa_lib.merge import averaging
 from ofa_lib.models import ckpt_io
 from ofa_lib.models.ckpt_io import CheckpointMismatchError, PathLike, StateDict
@@ -403,12 +404,12 @@ def merge_metadata(spec: MergeSpec, infos: Sequence[ckpt_io.CheckpointInfo],
                    base: ckpt_io.CheckpointInfo | None, fishers: Sequence[Path] | None = None) -> dict[str, str]:
     """Output metadata: the head fingerprint, the method label and options, inputs and θ₀ with sha256."""
     meta = {METHOD_KEY: spec.label, OPTIONS_KEY: json.dumps(spec.opts, sort_keys=True),
-            INPUTS_KEY: json.dumps([{"file": str(i.path), "sha256": ckpt_io.file_sha256(i.path), "run_id": i.run_id}
+            INPUTS_KEY: json.dumps([{"file": str(i.path), "sha256": io.file_sha256(i.path), "run_id": i.run_id}
                                     for i in infos])}
     if base is not None:
-        meta[BASE_KEY] = json.dumps({"file": str(base.path), "sha256": ckpt_io.file_sha256(base.path)})
+        meta[BASE_KEY] = json.dumps({"file": str(base.path), "sha256": io.file_sha256(base.path)})
     if fishers is not None:
-        meta[FISHERS_KEY] = json.dumps([{"file": str(f), "sha256": ckpt_io.file_sha256(f)} for f in fishers])
+        meta[FISHERS_KEY] = json.dumps([{"file": str(f), "sha256": io.file_sha256(f)} for f in fishers])
     if infos[0].fingerprint is not None:
         meta[ckpt_io.FINGERPRINT_KEY] = infos[0].fingerprint
     return meta

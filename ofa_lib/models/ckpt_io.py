@@ -32,7 +32,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ofa_lib.io import atomic_path, file_sha256  # noqa: F401 (re-exported: ckpt_io.file_sha256)
+from ofa_lib.io import atomic_path, file_sha256
 
 PathLike = str | os.PathLike
 StateDict = dict[str, torch.Tensor]

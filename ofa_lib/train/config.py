@@ -87,7 +87,7 @@ MIN_MAX_LENGTH = {name: 64 if task.kind == "span" else 8 for name, task in tasks
 
 
 NOT_IN_IDENTITY = ("log_every", "resume_every_minutes")
-IDENTITY_DEFAULTS = {"grad_accum_steps": 1}  # hashed only when not at this default (ids from before it stay)
+IDENTITY_DEFAULTS = {"grad_accum_steps": 1, "group_by_length": False, "source_dev_subsample": None}  # hashed only when not at this default (ids from before it stay)
 
 
 class ConfigError(ValueError):
@@ -110,6 +110,7 @@ class TrainConfig:
     doc_stride: int = 128
     train_subsample: int | None = None
     dev_subsample: int | None = None
+    source_dev_subsample: int | None = None  # the English dev set's own (None: dev_subsample); SRC-DEV selects on it
     test_subsample: int | None = None
     train_dataset: str = ""
     source_dev_dataset: str = ""
@@ -140,6 +141,7 @@ class TrainConfig:
     fisher_batches: int = 40          # training batches per tr(F) estimate (also FUN's)
     fisher_labels: str = "sample"     # sample (true Fisher) | argmax (the authors' code)
     grad_accum_steps: int = 1         # micro-batches per step (batch_size stays the effective batch size)
+    group_by_length: bool = False     # training batches of similar length (less padding; features.length_grouped_batches)
     log_every: int = 50               # loss / grad norm stay on the device; copied to the log every N steps
     resume_every_minutes: float = 30.0  # resume state written this often while training (and on SIGUSR1/SIGTERM)
 
@@ -182,6 +184,12 @@ class TrainConfig:
         """``(dataset, lang, split)`` of the source dev set followed by every target dev set."""
         src = (self.source_dev_dataset, self.source_lang(), DEV_SPLIT.get(self.source_dev_dataset, "validation"))
         return [src] + [(d, lang, DEV_SPLIT.get(d, "validation")) for d, lang in self.targets()]
+
+    def dev_subsample_of(self, index: int) -> int | None:
+        """The subsample of :meth:`dev_sets` ``[index]``: the source dev set (index 0) may have its own."""
+        if index == 0 and self.source_dev_subsample is not None:
+            return self.source_dev_subsample
+        return self.dev_subsample
 
     def test_sets(self) -> list[tuple[str, str, str]]:
         """``(dataset, lang, split)`` of every target test set (English excluded)."""
@@ -322,7 +330,7 @@ def validate(cfg: TrainConfig) -> None:
     _check(cfg.max_length >= MIN_MAX_LENGTH[cfg.task], "max_length", cfg.max_length,
            f"at least {MIN_MAX_LENGTH[cfg.task]} tokens for {cfg.task}")
     _check(cfg.task != "qa" or cfg.doc_stride < cfg.max_length, "doc_stride", cfg.doc_stride, f"smaller than max_length={cfg.max_length}")
-    for name in ("train_subsample", "dev_subsample", "test_subsample"):  # before num_snapshots, which uses them
+    for name in ("train_subsample", "dev_subsample", "source_dev_subsample", "test_subsample"):  # before num_snapshots
         value = getattr(cfg, name)
         _check(value is None or (isinstance(value, int) and value > 0), name, value, "None or a positive integer")
     if cfg.train_subsample is not None and cfg.task != "qa":
@@ -346,6 +354,7 @@ def validate(cfg: TrainConfig) -> None:
     _check(isinstance(cfg.measure_examples, int) and cfg.measure_examples > 0, "measure_examples",
            cfg.measure_examples, "a positive integer")
     _check(cfg.precision in PRECISIONS, "precision", cfg.precision, f"one of {PRECISIONS}")
+    _check(isinstance(cfg.group_by_length, bool), "group_by_length", cfg.group_by_length, "true or false")
     for name in ("grad_accum_steps", "log_every"):
         value = getattr(cfg, name)
         _check(isinstance(value, int) and not isinstance(value, bool) and value > 0, name, value, "a positive integer")

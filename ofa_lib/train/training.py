@@ -363,7 +363,7 @@ def prepare(cfg: TrainConfig) -> Prepared:
     # the same training subsample for every run (data seed 0): runs differ by lr, batch and seed only,
     # and share one trimmed vocabulary, so their weights can be averaged
     train_raw = data.load_split(cfg.train_dataset, cfg.source_lang(), "train", subsample=cfg.train_subsample, seed=0, **load)
-    dev_raw = [(s, data.load_split(*s, subsample=cfg.dev_subsample, seed=0, **load)) for s in cfg.dev_sets()]
+    dev_raw = [(s, data.load_split(*s, subsample=cfg.dev_subsample_of(i), seed=0, **load)) for i, s in enumerate(cfg.dev_sets())]
     test_raw = [(s, data.load_split(*s, subsample=cfg.test_subsample, seed=0, **load)) for s in cfg.test_sets()]
     sources = {"/".join(key): data.source_of(*key, **load) for key in dict.fromkeys(sets)}
     label_names = None if cfg.task == "qa" else data.label_names(cfg.train_dataset) if cfg.task != "ner" else data.ner_labels(not cfg.map_date_to_o)
@@ -641,7 +641,7 @@ def _train(cfg: TrainConfig, out: Path, manifest: dict[str, Any], device_name: s
             tag = {"ofa_snapshot": str(snapshot)} if snapshot is not None else {"ofa_variant": name}
             ckpt_io.save_checkpoint(tensors, path, dtype=dtype, metadata=dict(meta, **tag))
             # the file's content hash, recorded as it is written: readers verify it (ofa_lib.merge.crossrun.find_runs)
-            hashes[f"checkpoints/{name}.safetensors"] = ckpt_io.file_sha256(path)
+            hashes[f"checkpoints/{name}.safetensors"] = io.file_sha256(path)
         if snapshot is None:
             stored_from.pop(name, None)
         else:
@@ -685,6 +685,7 @@ def _train(cfg: TrainConfig, out: Path, manifest: dict[str, Any], device_name: s
             pending.clear()
 
     micro = cfg.batch_size // cfg.grad_accum_steps
+    train_lengths = [len(r["input_ids"]) for r in train_rows]
     pad_id = prep.tokenizer.pad_token_id
 
     def make_batch(idx: list[int]):
@@ -702,8 +703,11 @@ def _train(cfg: TrainConfig, out: Path, manifest: dict[str, Any], device_name: s
     prefetch = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="batches") if device.type == "cuda" else None
     while step < total_steps:
         epoch = step // steps_per_epoch
-        order = torch.randperm(len(prep.train), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch)).tolist()
-        slices = [order[i * cfg.batch_size:(i + 1) * cfg.batch_size] for i in range(steps_per_epoch)]
+        if cfg.group_by_length:  # similar lengths per batch: on a CPU the padding is compute spent for nothing
+            slices = features.length_grouped_batches(train_lengths, cfg.batch_size, seed=cfg.seed * 1000 + epoch)
+        else:
+            order = torch.randperm(len(prep.train), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch)).tolist()
+            slices = [order[i * cfg.batch_size:(i + 1) * cfg.batch_size] for i in range(steps_per_epoch)]
         first = step - epoch * steps_per_epoch
         ahead = prefetch.submit(make_batch, slices[first]) if prefetch else None
         for b in range(first, steps_per_epoch):
@@ -780,7 +784,7 @@ def _train(cfg: TrainConfig, out: Path, manifest: dict[str, Any], device_name: s
         if cfg.head == "train":
             ckpt_io.save_checkpoint({k: state_now[k] for k in prep.head_keys}, out / "head.safetensors",
                                       metadata=dict(meta, ofa_variant="head"))
-            state.setdefault("sha256", {})["head.safetensors"] = ckpt_io.file_sha256(out / "head.safetensors")
+            state.setdefault("sha256", {})["head.safetensors"] = io.file_sha256(out / "head.safetensors")
         state["step"] = step
         final = {"state": state, "manifest": {k: v for k, v in manifest.items() if k not in before},
                  "train_s": time.perf_counter() - t_train, "train_step_s": step_seconds, "trained_steps": step - start_step}
