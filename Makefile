@@ -75,10 +75,10 @@ reproduce-paper: install
 # ~15 min on a quiet 2-core machine; each script writes benchmarks/raw/<name>.json (stale CPU results are
 # removed first; GPU JSONs from `--device cuda` runs are kept), then make_results.py writes RESULTS.md.
 # A failing script is reported and the others still run; make exits non-zero at the end.
-BENCHES := averaging merging accumulative storage bytes training eval e2e
+BENCHES := averaging merging accumulative storage bytes training group_by_length eval e2e
 bench: install
 	rm -f $(addprefix benchmarks/raw/,averaging.json merging.json accumulative.json storage.json bytes.json eval_cache.json \
-		training.json evaluation.json e2e.json)
+		training.json group_by_length.json evaluation.json e2e.json)
 	status=0; for b in $(BENCHES); do \
 		echo "== benchmarks/bench_$$b.py"; start=$$(date +%s); \
 		$(OFFLINE) TOKENIZERS_PARALLELISM=false $(BIN)/python benchmarks/bench_$$b.py || { status=1; echo "!! bench_$$b.py failed"; }; \

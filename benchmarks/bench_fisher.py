@@ -4,7 +4,7 @@ Fisher on N English examples, what the diagonal looks like, and time / peak memo
 For the first of ``--runs`` (finished runs: their manifests, checkpoints and config), the run's
 data and model are prepared once (``training.prepare``; not timed), then for each N of
 ``--examples`` the diagonal of its ``--variant`` checkpoint is computed into a fresh cache
-(``crossrun.fisher_diagonal_of``: N seeded English training examples, one forward + backward per
+(``execution.fisher_diagonal_of``: N seeded English training examples, one forward + backward per
 example, labels sampled from the model, the runs' precision) and timed; the diagonal's entries
 are summarised (fraction exactly 0, fraction below the default floor, quantiles of the positive
 ones). Then the diagonal of every run (largest N) is stored, and the runs are merged in fresh
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from ofa_lib.merge import crossrun, merging
+    from ofa_lib.merge import execution, merging
     from ofa_lib.models import ckpt_io
     from ofa_lib.train import fisher, training
     from ofa_lib.train.config import TrainConfig
@@ -98,13 +98,13 @@ def main(argv: list[str] | None = None) -> None:
         for n in args.examples:
             spec = merging.make_spec("fisher", {"examples": n})
             t0 = time.perf_counter()
-            path, computed = crossrun.fisher_diagonal_of(ckpts[0], spec, workdir / f"cache-{n}", prep, device=dev,
+            path, computed = execution.fisher_diagonal_of(ckpts[0], spec, workdir / f"cache-{n}", prep, device=dev,
                                                          autocast_dtype=autocast, progress=False)
             seconds = time.perf_counter() - t0
             assert computed
             used = int(ckpt_io.read_metadata(path)[fisher.EXAMPLES_KEY])
             t1 = time.perf_counter()
-            _, again = crossrun.fisher_diagonal_of(ckpts[0], spec, workdir / f"cache-{n}", prep, device=dev,
+            _, again = execution.fisher_diagonal_of(ckpts[0], spec, workdir / f"cache-{n}", prep, device=dev,
                                                    autocast_dtype=autocast, progress=False)
             reread = time.perf_counter() - t1
             assert not again
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
                          "reread_seconds": reread, **_summary(ckpt_io.load_checkpoint(path))})
             print(f"N={n} ({used} used): {seconds:.1f} s, stored one read back in {reread:.2f} s", file=sys.stderr)
         spec = merging.make_spec("fisher", {"examples": max(args.examples)})
-        fishers = [str(crossrun.fisher_diagonal_of(c, spec, workdir / f"cache-{max(args.examples)}", prep, device=dev,
+        fishers = [str(execution.fisher_diagonal_of(c, spec, workdir / f"cache-{max(args.examples)}", prep, device=dev,
                                                    autocast_dtype=autocast, progress=False)[0]) for c in ckpts]
         del prep
         merges = []

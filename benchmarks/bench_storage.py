@@ -206,9 +206,9 @@ def _demo_runs() -> tuple[str, dict]:
 
 
 def cache_section(runs_root: Path, tmp: Path, started: float, args) -> None:
-    from ofa_lib.merge import crossrun
+    from ofa_lib.merge import crossrun, pool
 
-    runs = crossrun.find_runs(runs_root, task="sib")
+    runs = pool.find_runs(runs_root, task="sib")
     variants = ["last", "src_dev", "ca"]
     r_max = len(runs)
     passes = []

@@ -28,6 +28,7 @@ SECTIONS = [
     (3, "storage", "python benchmarks/bench_storage.py"),
     (3, "bytes", "python benchmarks/bench_bytes.py"),
     (4, "training", "python benchmarks/bench_training.py"),
+    (4, "group_by_length", "python benchmarks/bench_group_by_length.py"),
     (5, "evaluation", "python benchmarks/bench_eval.py"),
     (5, "eval_cache", "python benchmarks/bench_storage.py"),
     (6, "e2e", "python benchmarks/bench_e2e.py"),

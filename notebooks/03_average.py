@@ -46,19 +46,19 @@ import pandas as pd
 import torch
 
 from ofa_lib import results
-from ofa_lib.merge import crossrun
+from ofa_lib.merge import crossrun, pool
 
 if threads:
     torch.set_num_threads(int(threads))
-results_path = results_path or crossrun.default_results_path(task)
-runs = crossrun.find_runs(runs_root, task)  # refuses runs that cannot be combined, naming them
-crossrun.runs_overview(runs)
+results_path = results_path or pool.default_results_path(task)
+runs = pool.find_runs(runs_root, task)  # refuses runs that cannot be combined, naming them
+pool.runs_overview(runs)
 
 # %% [markdown]
 # ## The runs' own rows (snapshots and variants) into the results store
 
 # %%
-stored = results.append(results_path, crossrun.collect_run_metrics(runs))
+stored = results.append(results_path, pool.collect_run_metrics(runs))
 print(f"{results_path}: {len(stored)} rows")
 
 # %% [markdown]

@@ -56,7 +56,7 @@ from IPython.display import Markdown, display
 
 from ofa_lib import results
 from ofa_lib.analysis import label_free, plots, report
-from ofa_lib.merge import crossrun
+from ofa_lib.merge import pool
 from ofa_lib.results import selection
 from ofa_lib.train import measures as M
 
@@ -66,8 +66,8 @@ M.check_supported(task, measures)  # fails here, naming the measure, before any 
 out = Path(output_dir) if output_dir else report.report_dir(report_name)
 out.mkdir(parents=True, exist_ok=True)
 runs = label_free.find_runs(runs_root, task)  # same data, head and vocabulary; optimizers may differ
-results_path = Path(results_path) if results_path else crossrun.default_results_path(task)
-own = crossrun.collect_run_metrics(runs)
+results_path = Path(results_path) if results_path else pool.default_results_path(task)
+own = pool.collect_run_metrics(runs)
 tidy = results.read(results_path) if results_path.is_file() else own
 tidy = tidy[~tidy["kind"].isin(["snapshot", "variant"]) | tidy["run_id"].isin(runs["run_id"])]
 with warnings.catch_warnings():

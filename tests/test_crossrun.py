@@ -16,7 +16,7 @@ import torch
 from ofa_lib import results as R
 from ofa_lib.io import file_sha256
 from ofa_lib.merge import cli as merge_cli
-from ofa_lib.merge import crossrun
+from ofa_lib.merge import crossrun, planning, pool
 from ofa_lib.models import ckpt_io
 from ofa_lib.paths import REPO_ROOT
 from ofa_lib.results import selection as S
@@ -52,9 +52,9 @@ def grid(tmp_path_factory):
 @pytest.fixture(scope="module")
 def averaged(grid):
     """One full pass (3 samplings x 2 variants x r = 1..3, soups) into a fresh store."""
-    runs = crossrun.find_runs(grid, "sib")
+    runs = pool.find_runs(grid, "sib")
     store = grid.parent / "results" / "sib.parquet"
-    R.append(store, crossrun.collect_run_metrics(runs))
+    R.append(store, pool.collect_run_metrics(runs))
     with pytest.warns(UserWarning) as caught:
         rows = crossrun.average_runs(runs, variants=VARIANTS, r_max=10, samplings=SAMPLINGS, soup_k=SOUP_K,
                                      results_path=store, progress=False)
@@ -66,7 +66,7 @@ def averaged(grid):
 
 def test_find_runs(grid, averaged):
     runs = averaged[0]
-    assert list(runs.columns) == crossrun.RUN_COLUMNS
+    assert list(runs.columns) == pool.RUN_COLUMNS
     assert sorted(zip(runs["lr"], runs["batch_size"])) == sorted(GRID)
     assert set(runs["run_id"]) == {_cfg(lr, bs).run_id for lr, bs in GRID}
     assert runs["head_fingerprint"].nunique() == 1 and (runs["top_k"] == 2).all()
@@ -76,7 +76,7 @@ def test_r1_average_scores_what_the_run_scored(averaged):
     """Same stored weights, same scores: every test set for each variant, and English dev for CA
     (training keeps LAST's dev scores from the live fp32 snapshot, before its fp16 storage)."""
     runs, store, rows = averaged
-    own = crossrun.collect_run_metrics(runs)
+    own = pool.collect_run_metrics(runs)
     own = own[(own["kind"] == "variant") & ((own["split"] == "test") | ((own["name"] == "ca") & (own["lang"] == "en")))]
     checked = 0
     for s in SAMPLINGS:
@@ -127,8 +127,8 @@ def test_each_set_of_weights_is_evaluated_once(averaged):
     stats = rows.attrs["stats"]
     orders = {s: S.sample_runs(runs, 3, seed=s) for s in SAMPLINGS}
     distinct = {(v, frozenset(orders[s][:r])) for s in SAMPLINGS for v in VARIANTS for r in (1, 2, 3)}
-    snaps = {r: crossrun.kept_snapshots(p) for r, p in zip(runs["run_id"], runs["path"])}
-    soups = {crossrun.soup_key((x.run_id, x.snapshot) for x in crossrun.soup_members(snaps, orders[s][:r], SOUP_K))
+    snaps = {r: pool.kept_snapshots(p) for r, p in zip(runs["run_id"], runs["path"])}
+    soups = {planning.soup_key((x.run_id, x.snapshot) for x in planning.soup_members(snaps, orders[s][:r], SOUP_K))
              for s in SAMPLINGS for r in (2, 3)}
     assert stats["evaluations"] == len(distinct) + len(soups)
     assert stats["reused"] == N_AVG + N_SOUP - stats["evaluations"] > 0  # r=3 is the same set in every sampling
@@ -181,16 +181,16 @@ def test_refuses_runs_that_cannot_be_combined(grid, tmp_path):
         m["params"]["head"], m["head_fingerprint"] = "init:1", "0" * 64
 
     root = _fake_run(grid, tmp_path / "a", "otherhead", other_head)
-    with pytest.raises(crossrun.IncompatibleRunsError, match="heads are not aligned") as err:
-        crossrun.find_runs(root, "sib")
+    with pytest.raises(pool.IncompatibleRunsError, match="heads are not aligned") as err:
+        pool.find_runs(root, "sib")
     assert "sib-otherhead" in str(err.value) and _cfg(*GRID[0]).run_id in str(err.value)
 
     def other_data(m, _):
         m["params"]["dev_subsample"] = 9
 
     root = _fake_run(grid, tmp_path / "b", "otherdata", other_data)
-    with pytest.raises(crossrun.IncompatibleRunsError, match="dev_subsample") as err:
-        crossrun.find_runs(root, "sib")
+    with pytest.raises(pool.IncompatibleRunsError, match="dev_subsample") as err:
+        pool.find_runs(root, "sib")
     assert "sib-otherdata" in str(err.value)
 
     def other_vocab(m, path):  # another seed trims the vocabulary to another training subsample
@@ -202,8 +202,8 @@ def test_refuses_runs_that_cannot_be_combined(grid, tmp_path):
         ckpt_io.save_checkpoint(sd, file, metadata=ckpt_io.read_metadata(file))
 
     root = _fake_run(grid, tmp_path / "c", "othervocab", other_vocab)
-    with pytest.raises(crossrun.IncompatibleRunsError, match="different vocabularies") as err:
-        crossrun.find_runs(root, "sib")
+    with pytest.raises(pool.IncompatibleRunsError, match="different vocabularies") as err:
+        pool.find_runs(root, "sib")
     assert "sib-othervocab" in str(err.value)
 
 
@@ -340,8 +340,8 @@ def test_ofa_merge_base_from_run(averaged, tmp_path):
     ckpts = [str(Path(p) / "checkpoints" / "ca.safetensors") for p in runs["path"]]
     out = tmp_path / "ta.safetensors"
     assert merge_cli.main(["--method", "task_arithmetic", "--base-from-run", str(run_dir), "--out", str(out), *ckpts]) == 0
-    plan = crossrun.plan_pass(runs, variants=("ca",), r_max=3, samplings=[0], soup_k=0, methods=["task_arithmetic"])
-    base = plan.avg_dir / f"base-{crossrun.key_digest([plan.base_id])}.safetensors"
+    plan = planning.plan_pass(runs, variants=("ca",), r_max=3, samplings=[0], soup_k=0, methods=["task_arithmetic"])
+    base = plan.avg_dir / f"base-{planning.key_digest([plan.base_id])}.safetensors"
     assert base.is_file() and json.loads(ckpt_io.read_metadata(out)["ofa_merge_base"])["file"] == str(base)
     want = merging.merge_files(merging.make_spec("task_arithmetic"), ckpts, base=base)
     got = ckpt_io.load_checkpoint(out)

@@ -15,7 +15,7 @@ import torch
 
 from ofa_lib import io
 from ofa_lib.merge import cli as merge_cli
-from ofa_lib.merge import crossrun, merging
+from ofa_lib.merge import merging, planning
 from ofa_lib.models import ckpt_io
 from ofa_lib.models.ckpt_io import (
     CheckpointMismatchError,
@@ -199,7 +199,7 @@ def test_registry_specs_and_content_keys():
     # the uniform key is the one the store always had (old cache entries hit); the others differ by
     # method and options, and keep the order only where it matters
     uni, ties = merging.make_spec("uniform"), merging.make_spec("ties")
-    assert crossrun.average_key("ca", ["b", "a"]) == ("average", "ca", ("a", "b")) == uni.key("ca", ["a", "b"])
+    assert planning.average_key("ca", ["b", "a"]) == ("average", "ca", ("a", "b")) == uni.key("ca", ["a", "b"])
     assert ties.key("ca", ["b", "a"]) == ties.key("ca", ["a", "b"]) != uni.key("ca", ["a", "b"])
     assert ties.key("ca", ["a"]) != merging.make_spec("ties", {"density": 0.3}).key("ca", ["a"])
     dare = merging.make_spec("dare_ties")

@@ -18,7 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ofa_lib import io
-from ofa_lib.merge import averaging
+from ofa_lib.merge import averaging, pool
 from ofa_lib.models import ckpt_io
 from ofa_lib.train import config, training
 from ofa_lib.train.config import ConfigError
@@ -396,7 +396,6 @@ def test_checkpoints_carry_their_hash_and_a_changed_one_is_refused_naming_run_an
     measure and report step finds runs) refuses a run whose file changed, even by a finite amount."""
     import shutil
 
-    from ofa_lib.merge import crossrun
     from ofa_lib.models import ckpt_io
 
     cfg, out, _ = finished
@@ -406,14 +405,14 @@ def test_checkpoints_carry_their_hash_and_a_changed_one_is_refused_naming_run_an
     for name, digest in recorded.items():
         assert io.file_sha256(out / name) == digest
     shutil.copytree(out, tmp_path / cfg.run_id)
-    assert len(crossrun.find_runs(tmp_path, "nli")) == 1
+    assert len(pool.find_runs(tmp_path, "nli")) == 1
     last = tmp_path / cfg.run_id / "checkpoints" / "last.safetensors"
     state = ckpt_io.load_checkpoint(last)
     key = next(k for k in state if k.endswith("classifier.weight"))
     state[key] = state[key] + 1e-3  # finite, plausible, silent
     save_file(state, str(last), metadata=ckpt_io.read_metadata(last))
     with pytest.raises(ckpt_io.CorruptCheckpointError, match=rf"run {cfg.run_id}: .*last.safetensors is not the file the run wrote"):
-        crossrun.find_runs(tmp_path, "nli")
+        pool.find_runs(tmp_path, "nli")
 
 
 @pytest.mark.parametrize("damage", ["truncated", "header"])
@@ -538,7 +537,6 @@ def test_the_cost_model_counts_the_bytes_a_run_keeps(finished):
 def test_variants_of_one_snapshot_are_one_file(finished):
     """LAST, SRC-DEV, TRG-DEV and the top-k that are the same snapshot share one file (hard links): the bytes
     are kept once, every name reads as a checkpoint and its manifest hash is its content's."""
-    from ofa_lib.merge import crossrun
 
     cfg, out, root = finished
     manifest = json.loads((out / "manifest.json").read_text())
@@ -554,7 +552,7 @@ def test_variants_of_one_snapshot_are_one_file(finished):
     assert kept < sum(p.stat().st_size for p in files.values())
     for rel, path in files.items():
         assert manifest["checkpoint_sha256"][rel] == io.file_sha256(path), rel
-    assert cfg.run_id in set(crossrun.find_runs(root, check=False).run_id)  # it verifies every hash first
+    assert cfg.run_id in set(pool.find_runs(root, check=False).run_id)  # it verifies every hash first
 
 
 def test_io_link_shares_a_file_and_copies_where_links_are_impossible(tmp_path, monkeypatch):

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from ofa_lib import results as R
 from ofa_lib.io import write_parquet
-from ofa_lib.merge import averaging, crossrun
+from ofa_lib.merge import averaging, pool
 from ofa_lib.models import ckpt_io
 from ofa_lib.results import selection
 from ofa_lib.train import measures, training
@@ -48,23 +48,23 @@ LABEL_FREE_STRATEGIES = tuple(s for s, (m, _) in STRATEGIES.items() if m in meas
 
 # --------------------------------------------------------------------------- runs
 def find_runs(runs_root: str | Path | None, task: str) -> pd.DataFrame:
-    """:func:`ofa_lib.merge.crossrun.find_runs` plus ``optimizer`` and ``measures_file``; runs must agree on
-    every data parameter (they may differ in :data:`crossrun.PROCEDURE_PARAMS`), head and vocabulary."""
-    runs = crossrun.find_runs(runs_root, task, check=False)
+    """:func:`ofa_lib.merge.pool.find_runs` plus ``optimizer`` and ``measures_file``; runs must agree on
+    every data parameter (they may differ in :data:`pool.PROCEDURE_PARAMS`), head and vocabulary."""
+    runs = pool.find_runs(runs_root, task, check=False)
     if runs.empty:
         raise FileNotFoundError(f"no finished runs of task {task!r} under {training.runs_root(runs_root)}")
-    ignore = set(crossrun.FREE_PARAMS)
+    ignore = set(pool.FREE_PARAMS)
     params = {r: {k: v for k, v in json.loads((Path(p) / "manifest.json").read_text())["params"].items() if k not in ignore}
               for r, p in zip(runs["run_id"], runs["path"])}
     first = next(iter(params.values()))
     for run_id, p in params.items():
         diff = sorted(k for k in set(p) | set(first) if p.get(k) != first.get(k))
         if diff:
-            raise crossrun.IncompatibleRunsError(f"run {run_id} differs from {runs['run_id'].iloc[0]} in data parameters {diff}")
+            raise pool.IncompatibleRunsError(f"run {run_id} differs from {runs['run_id'].iloc[0]} in data parameters {diff}")
     for key, what in ((runs["head_fingerprint"], "head fingerprints"),
-                      (runs["path"].map(crossrun.vocabulary_key), "vocabularies")):
+                      (runs["path"].map(pool.vocabulary_key), "vocabularies")):
         if key.nunique() > 1:
-            raise crossrun.IncompatibleRunsError(f"runs have different {what}: {dict(zip(runs['run_id'], key))}")
+            raise pool.IncompatibleRunsError(f"runs have different {what}: {dict(zip(runs['run_id'], key))}")
     runs = runs.copy()
     runs["optimizer"] = [_config(p).optimizer for p in runs["path"]]
     return runs

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from ofa_lib import results
-from ofa_lib.merge import crossrun
+from ofa_lib.merge import crossrun, pool
 from ofa_lib.results import selection
 from ofa_lib.train.config import TrainConfig
 from ofa_lib.train.metrics import PRIMARY_METRIC
@@ -42,12 +42,12 @@ def setting_of(params: dict[str, Any]) -> str:
 
 
 def find_schedule_runs(runs_root: str | Path | None, task: str) -> pd.DataFrame:
-    """Finished runs of ``task`` (:func:`ofa_lib.merge.crossrun.find_runs`, unchecked: settings differ) with
+    """Finished runs of ``task`` (:func:`ofa_lib.merge.pool.find_runs`, unchecked: settings differ) with
     ``setting``, ``schedule``, ``every`` and ``adapters`` columns."""
     import json
 
 
-    runs = crossrun.find_runs(runs_root, task, check=False)
+    runs = pool.find_runs(runs_root, task, check=False)
     if runs.empty:
         raise FileNotFoundError(f"no finished {task} runs under {runs_root}")
     params = [json.loads((Path(p) / "manifest.json").read_text())["params"] for p in runs["path"]]
@@ -129,8 +129,8 @@ def averaging_by_setting(runs: pd.DataFrame, out_dir: str | Path, *, variants: l
         if path.exists():  # rows of runs that are gone (an edited grid), and the averages they were members of
             stored = results.read(path)
             results.drop_runs(path, set(stored.loc[stored.kind.isin(["snapshot", "variant"]), "run_id"]) - set(group.run_id))
-        cols = [c for c in crossrun.RUN_COLUMNS if c in group.columns]
-        results.append(path, crossrun.collect_run_metrics(group[cols]))
+        cols = [c for c in pool.RUN_COLUMNS if c in group.columns]
+        results.append(path, pool.collect_run_metrics(group[cols]))
         crossrun.average_runs(group[cols], variants=variants, r_max=r_max, samplings=range(n_samplings), soup_k=None,
                               results_path=path, device=device, progress=progress)
         task = group.task.iloc[0]

@@ -259,7 +259,7 @@ class Estimate:
 
 def averaging_evaluations(grid: Grid) -> int:
     """How many models 03_average scores: the distinct merges (per method and variant, as
-    :func:`ofa_lib.merge.crossrun.plan_pass` lists them) and soups its samplings make. A greedy soup is not
+    :func:`ofa_lib.merge.planning.plan_pass` lists them) and soups its samplings make. A greedy soup is not
     counted: its result is a uniform mean of some of the runs, mostly one already scored (its English-dev
     trials are cheap and not counted either)."""
     import pandas as pd

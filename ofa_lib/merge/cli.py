@@ -1,6 +1,6 @@
 """``ofa-merge``: merge any set of compatible safetensors checkpoints with one method of the registry
 (:mod:`ofa_lib.merge.merging`), outside the study; ``--base-from-run`` finds θ₀ of a run folder as the
-cross-run pass does (:func:`ofa_lib.merge.crossrun.base_file_of_run`)."""
+cross-run pass does (:func:`ofa_lib.merge.execution.base_file_of_run`)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Sequence
 
 import torch
 
-from ofa_lib.merge import crossrun
+from ofa_lib.merge import execution
 from ofa_lib.merge.merging import (
     ALIASES,
     METHODS,
@@ -72,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.base_from_run is not None:
             if not (args.base_from_run / "manifest.json").is_file():
                 raise FileNotFoundError(f"--base-from-run {args.base_from_run}: no manifest.json (not a run folder)")
-            args.base = crossrun.base_file_of_run(args.base_from_run)
+            args.base = execution.base_file_of_run(args.base_from_run)
             print(f"ofa-merge: θ₀ of run {args.base_from_run.name}: {args.base}")
         merge_files(spec, args.inputs, base=args.base, fishers=args.fisher, dtype=torch.float32, out_path=args.out)
     except (ValueError, OSError) as err:  # spec, mismatch, non-finite, corrupt, incompatible runs; missing files

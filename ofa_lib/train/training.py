@@ -640,7 +640,7 @@ def _train(cfg: TrainConfig, out: Path, manifest: dict[str, Any], device_name: s
             # a snapshot's files carry its number, not a variant name, so that its variants can share the bytes
             tag = {"ofa_snapshot": str(snapshot)} if snapshot is not None else {"ofa_variant": name}
             ckpt_io.save_checkpoint(tensors, path, dtype=dtype, metadata=dict(meta, **tag))
-            # the file's content hash, recorded as it is written: readers verify it (ofa_lib.merge.crossrun.find_runs)
+            # the file's content hash, recorded as it is written: readers verify it (ofa_lib.merge.pool.find_runs)
             hashes[f"checkpoints/{name}.safetensors"] = io.file_sha256(path)
         if snapshot is None:
             stored_from.pop(name, None)
