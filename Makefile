@@ -60,7 +60,8 @@ demo-sam: install
 demo-unfreezing: install
 	$(BIN)/python -m ofa_lib.grid run params/grids/demo_unfreezing.yaml --backend local
 
-# the paper's NER protocol at CPU scale (21 runs; estimated 2.4 h on a quiet 2-core CPU: `grid plan --estimate`)
+# the paper's NER protocol at CPU scale (21 runs; `grid plan --estimate`: 92 min on a quiet 2-core CPU, which
+# under-estimated the measured demo 1.47×: budget 2.5 h). Its learning-rate sweep: params/grids/cpu_ner_sweep.yaml
 study-ner: install
 	$(BIN)/python -m ofa_lib.grid plan params/grids/cpu_ner.yaml --estimate
 	$(BIN)/python -m ofa_lib.grid run params/grids/cpu_ner.yaml --backend local

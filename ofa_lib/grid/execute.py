@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ofa_lib import locks
+from ofa_lib import data, locks
 from ofa_lib.io import write_json
 
 if TYPE_CHECKING:  # pandas is imported where tables are built: `grid status` starts fast without it
@@ -297,8 +297,11 @@ def data_line(grid: Grid) -> str:
     for run in grid.runs:
         file = run.dir / "manifest.json"
         manifest = json.loads(file.read_text()) if file.is_file() else {}
-        if manifest.get("data_summary"):
-            summaries[manifest["data_summary"]] = summaries.get(manifest["data_summary"], 0) + 1
+        # from the recorded sources, so that the line reads as describe_sources writes it now (runs trained
+        # before it showed a mirror beside the repository relative to it recorded the absolute path)
+        line = data.describe_sources(manifest["data"]) if manifest.get("data") else manifest.get("data_summary")
+        if line:
+            summaries[line] = summaries.get(line, 0) + 1
     if not summaries:
         return "Data: not recorded by these runs."
     return "Data: " + " | ".join(f"{line} ({n} run{'s' if n > 1 else ''})" for line, n in summaries.items()) + "."
