@@ -890,6 +890,9 @@ def _beside_repo(root: str) -> str:
     """A mirror folder next to the repository (``../shared/data``) as a path relative to it, so that reports read
     the same on every clone; elsewhere as recorded."""
     path = Path(root)
-    if path.is_absolute() and path.resolve().is_relative_to(REPO_ROOT.parent):
-        return os.path.relpath(path.resolve(), REPO_ROOT)
+    if not path.is_absolute():
+        return root
+    for p, repo in ((Path(os.path.normpath(path)), REPO_ROOT), (path.resolve(), REPO_ROOT.resolve())):
+        if p.is_relative_to(repo.parent):  # as written first: ../shared may be a link to elsewhere
+            return os.path.relpath(p, repo)
     return root
