@@ -447,15 +447,6 @@ def test_a_pipeline_notebook_past_its_run_timeout_is_killed_and_named(tmp_path):
     assert (out.parent / "03_average.failed.ipynb").is_file() and not list(out.parent.glob(".*"))
 
 
-def test_pipeline_kernels_talk_over_ipc_not_tcp(tmp_path, capfd):
-    """No TCP port on a shared node, and no ipykernel warning about it on the runner's terminal."""
-    assert grid_execute.kernel_config().KernelManager.transport == "ipc"
-    with pytest.raises(Exception, match="runs_root"):  # fails in its first cells: a kernel was started and used
-        grid_execute.execute_notebook("03_average.ipynb", tmp_path / "03_average.ipynb",
-                                      {"task": "sib", "runs_root": str(tmp_path / "none")})
-    assert "without encryption" not in capfd.readouterr().err
-
-
 def test_sweep_lists_the_best_english_dev_of_each_finished_run(tmp_path, tmp_outputs, capsys):
     """`grid sweep`: a learning-rate sweep's table, English dev only, best first; unfinished runs left out."""
     from ofa_lib.train import runs as runs_lib

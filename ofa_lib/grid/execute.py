@@ -155,18 +155,6 @@ def clean_temp_notebooks(out: Path) -> list[Path]:
     return litter
 
 
-def kernel_config() -> Any:
-    """The kernels' transport: IPC sockets (files only this user can open) where the OS has them, not TCP ports
-    on localhost, which any user of a shared login or compute node can reach (and ipykernel warns about that
-    once per notebook, on the grid runner's terminal)."""
-    from traitlets.config import Config
-
-    config = Config()
-    if os.name == "posix":
-        config.KernelManager.transport = "ipc"
-    return config
-
-
 def execute_notebook(notebook: str | Path, out: Path, parameters: dict[str, Any], *, cwd: Path = NOTEBOOKS,
                      stall_timeout: float | None = None, run_timeout: float | None = None) -> Path:
     """Run a notebook with papermill into ``out``: written to a temp name, renamed when it succeeded.
@@ -182,7 +170,7 @@ def execute_notebook(notebook: str | Path, out: Path, parameters: dict[str, Any]
     with watchdog:
         try:
             papermill.execute_notebook(str(NOTEBOOKS / notebook), str(tmp), parameters=parameters, kernel_name="python3",
-                                       cwd=str(cwd), progress_bar=False, config=kernel_config())
+                                       cwd=str(cwd), progress_bar=False)
         except BaseException as exc:
             if tmp.exists():
                 os.replace(tmp, out.with_name(f"{out.stem}.failed.ipynb"))
