@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(cfg.seed * 1000)).tolist()
     batchings = {"random": [order[i:i + args.batch_size] for i in range(0, len(rows), args.batch_size)],
                  "group_by_length": features.length_grouped_batches(lengths, args.batch_size, seed=cfg.seed * 1000)}
-    padded = {k: sum(len(b) * max(lengths[i] for i in b) for b in v) / sum(lengths) for k, v in batchings.items()}
+    padded = {k: features.padded_tokens(lengths, v) / sum(lengths) for k, v in batchings.items()}
     start = copy.deepcopy(prep.model.state_dict())
     precisions = {"fp32": None}
     if training.resolve_precision("auto", torch.device("cpu"))[0] == "bf16":

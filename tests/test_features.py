@@ -235,6 +235,7 @@ def test_length_grouped_batches():
     order = rng.permutation(701).tolist()
     random_batches = [order[k:k + 16] for k in range(0, 701, 16)]
     assert padded(batches) < 1.2 < 1.5 < padded(random_batches)
+    assert F.padded_tokens(lengths, batches) == round(padded(batches) * sum(lengths))
     # the batch order is shuffled: not longest-first across the epoch
     maxima = [max(lengths[i] for i in b) for b in batches[:-1]]
     assert maxima != sorted(maxima, reverse=True)

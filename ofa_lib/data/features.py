@@ -7,7 +7,7 @@
   ``FEATURES_VERSION``; a second call with the same inputs reads the file back.
 - ``qa_postprocess``: SQuAD v1.1 span selection over all windows of each question.
 - ``collate``: dynamic padding; ``length_sorted_batches`` / ``restore_order``: fast evaluation;
-  ``length_grouped_batches``: training batches of similar length (``group_by_length``).
+  ``length_grouped_batches``: training batches of similar length (``group_by_length``), ``padded_tokens``.
 
 Only the standard fast-tokenizer API is used (``__call__``, ``word_ids()``, offsets,
 ``pad_token_id``, ``cls_token_id``).
@@ -435,10 +435,14 @@ def length_grouped_batches(lengths: Sequence[int], batch_size: int, seed: int, m
     for k in range(0, len(order), size):
         chunk = sorted(order[k : k + size], key=lambda i: -lengths[i])  # stable: ties keep the shuffled order
         batches += [chunk[j : j + batch_size] for j in range(0, len(chunk), batch_size)]
-    short = [b for b in batches if len(b) < batch_size]  # at most one per mega-batch: pool them at the end
+    # every mega-batch but the last is whole batches, so at most one batch is short: it goes last
     full = [batches[i] for i in rng.permutation(len(batches)).tolist() if len(batches[i]) == batch_size]
-    rest = sorted((i for b in short for i in b), key=lambda i: -lengths[i])
-    return full + [rest[j : j + batch_size] for j in range(0, len(rest), batch_size)]
+    return full + [b for b in batches if len(b) < batch_size]
+
+
+def padded_tokens(lengths: Sequence[int], batches: Sequence[Sequence[int]]) -> int:
+    """Token slots ``batches`` compute with dynamic padding: each batch padded to its longest row."""
+    return sum(len(b) * max(lengths[i] for i in b) for b in batches if b)
 
 
 def restore_order(batches: Sequence[Sequence[int]], outputs: Sequence[Any]) -> list[Any]:

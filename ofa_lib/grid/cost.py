@@ -148,7 +148,7 @@ def padded_length(lengths: list[int], batch_size: int, seed: int = 0, grouped: b
         from ofa_lib.data import features
 
         batches = features.length_grouped_batches(lengths, batch_size, seed=seed)
-        return sum(len(b) * max(lengths[i] for i in b) for b in batches) / max(1, len(lengths))
+        return features.padded_tokens(lengths, batches) / max(1, len(lengths))
     rng = random.Random(seed)
     order = list(lengths)
     maxima = []
