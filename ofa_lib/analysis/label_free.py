@@ -28,7 +28,7 @@ from ofa_lib.io import write_parquet
 from ofa_lib.merge import averaging, pool
 from ofa_lib.models import ckpt_io
 from ofa_lib.results import selection
-from ofa_lib.train import measures, training
+from ofa_lib.train import hardware, measures, setup, training
 from ofa_lib.train.config import TrainConfig
 
 # config fields that say how a run was optimised or measured: runs may differ in them and still be compared
@@ -82,18 +82,18 @@ def recorded_measures(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 class Skeleton:
-    """One model (built once with :func:`ofa_lib.train.training.prepare` of a run's config) and its
+    """One model (built once with :func:`ofa_lib.train.setup.prepare` of a run's config) and its
     measure batches; checkpoints are loaded into it in turn."""
 
     def __init__(self, cfg: TrainConfig, n_examples: int, device: str | None = None):
         self.cfg, self.n_examples = cfg, n_examples
-        self.device = training.resolve_device(device, cfg.preset)
+        self.device = hardware.resolve_device(device, cfg.preset)
         self._prep = None
 
     @property
-    def prep(self) -> training.Prepared:
+    def prep(self) -> setup.Prepared:
         if self._prep is None:
-            self._prep = training.prepare(self.cfg)
+            self._prep = setup.prepare(self.cfg)
             self._prep.model.to(self.device)
             self.data = measures.MeasureData.from_prepared(self._prep, self.cfg.model_name, n_examples=self.n_examples)
         return self._prep

@@ -24,7 +24,7 @@ from ofa_lib.train.unfreezing import FISHER_LABELS, SCHEDULES
 
 TASKS = tasks_lib.NAMES
 PRESETS = ("paper", "cpu", "smoke")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # auto: from the hardware (training.resolve_precision)
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # auto: from the hardware (hardware.resolve_precision)
 STORAGE_DTYPES = ("fp32", "bf16", "fp16")
 
 # Datasets per task (ofa_lib.tasks): what trains, what is the English (source) dev set, what are the targets.
