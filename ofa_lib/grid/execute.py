@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ofa_lib import data, locks
+from ofa_lib import locks
+from ofa_lib.data import loading
 from ofa_lib.io import write_json
 
 if TYPE_CHECKING:  # pandas is imported where tables are built: `grid status` starts fast without it
@@ -287,7 +288,7 @@ def data_line(grid: Grid) -> str:
         manifest = json.loads(file.read_text()) if file.is_file() else {}
         # from the recorded sources, so that the line reads as describe_sources writes it now (runs trained
         # before it showed a mirror beside the repository relative to it recorded the absolute path)
-        line = data.describe_sources(manifest["data"]) if manifest.get("data") else manifest.get("data_summary")
+        line = loading.describe_sources(manifest["data"]) if manifest.get("data") else manifest.get("data_summary")
         if line:
             summaries[line] = summaries.get(line, 0) + 1
     if not summaries:

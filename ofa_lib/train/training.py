@@ -42,8 +42,8 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from ofa_lib import data, io, locks, models
-from ofa_lib.data import features
+from ofa_lib import io, locks, models
+from ofa_lib.data import catalog, features, loading, locate
 from ofa_lib.io import write_json, write_parquet
 from ofa_lib.models import adapters as adapters_lib
 from ofa_lib.models import ckpt_io
@@ -349,7 +349,7 @@ class Prepared:
     head_fingerprint: str
     label_names: list[str] | None
     timings: dict[str, float] = field(default_factory=dict)
-    data_sources: dict[str, dict[str, Any]] = field(default_factory=dict)  # "dataset/lang/split" -> data.source_of
+    data_sources: dict[str, dict[str, Any]] = field(default_factory=dict)  # "dataset/lang/split" -> loading.source_of
 
 
 def prepare(cfg: TrainConfig) -> Prepared:
@@ -359,14 +359,14 @@ def prepare(cfg: TrainConfig) -> Prepared:
     set_seed(cfg.seed)
     load = dict(map_date_to_o=cfg.map_date_to_o)
     sets = [(cfg.train_dataset, cfg.source_lang(), "train")] + cfg.dev_sets() + cfg.test_sets()
-    data.require(sets)  # every set readable (mirror or hub) before anything is loaded, else one error naming the fix
+    locate.require(sets)  # every set readable (mirror or hub) before anything is loaded, else one error naming the fix
     # the same training subsample for every run (data seed 0): runs differ by lr, batch and seed only,
     # and share one trimmed vocabulary, so their weights can be averaged
-    train_raw = data.load_split(cfg.train_dataset, cfg.source_lang(), "train", subsample=cfg.train_subsample, seed=0, **load)
-    dev_raw = [(s, data.load_split(*s, subsample=cfg.dev_subsample_of(i), seed=0, **load)) for i, s in enumerate(cfg.dev_sets())]
-    test_raw = [(s, data.load_split(*s, subsample=cfg.test_subsample, seed=0, **load)) for s in cfg.test_sets()]
-    sources = {"/".join(key): data.source_of(*key, **load) for key in dict.fromkeys(sets)}
-    label_names = None if cfg.task == "qa" else data.label_names(cfg.train_dataset) if cfg.task != "ner" else data.ner_labels(not cfg.map_date_to_o)
+    train_raw = loading.load_split(cfg.train_dataset, cfg.source_lang(), "train", subsample=cfg.train_subsample, seed=0, **load)
+    dev_raw = [(s, loading.load_split(*s, subsample=cfg.dev_subsample_of(i), seed=0, **load)) for i, s in enumerate(cfg.dev_sets())]
+    test_raw = [(s, loading.load_split(*s, subsample=cfg.test_subsample, seed=0, **load)) for s in cfg.test_sets()]
+    sources = {"/".join(key): loading.source_of(*key, **load) for key in dict.fromkeys(sets)}
+    label_names = None if cfg.task == "qa" else catalog.label_names(cfg.train_dataset) if cfg.task != "ner" else catalog.ner_labels(not cfg.map_date_to_o)
     trim = None
     if cfg.trim_vocab:
         trim = [t for _, ds in [(None, train_raw)] + dev_raw + test_raw for t in evaluation.texts_of(cfg.task, ds)]
@@ -572,7 +572,7 @@ def _train(cfg: TrainConfig, out: Path, manifest: dict[str, Any], device_name: s
                     precision=precision, precision_reason=precision_why,
                     n_train_features=len(prep.train), vocab_size=model.config.vocab_size,
                     parameters=models.count_parameters(model), trainable=models.count_parameters(model, True),
-                    data=prep.data_sources, data_summary=data.describe_sources(prep.data_sources))
+                    data=prep.data_sources, data_summary=loading.describe_sources(prep.data_sources))
     if cfg.head_file:
         manifest["head_file"] = str(cfg.head_file.resolve())
     write_json(out / "manifest.json", manifest)
