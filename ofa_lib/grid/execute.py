@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from ofa_lib import data, locks
+from ofa_lib import locks
+from ofa_lib.data import loading
 from ofa_lib.grid.spec import (
     NOTEBOOK_ONLY,
     NOTEBOOKS,
@@ -312,7 +313,7 @@ def data_line(grid: Grid) -> str:
         manifest = json.loads(file.read_text()) if file.is_file() else {}
         # from the recorded sources, so that the line reads as describe_sources writes it now (runs trained
         # before it showed a mirror beside the repository relative to it recorded the absolute path)
-        line = data.describe_sources(manifest["data"]) if manifest.get("data") else manifest.get("data_summary")
+        line = loading.describe_sources(manifest["data"]) if manifest.get("data") else manifest.get("data_summary")
         if line:
             summaries[line] = summaries.get(line, 0) + 1
     if not summaries:

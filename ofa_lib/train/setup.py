@@ -12,8 +12,8 @@ import datasets
 import numpy as np
 import torch
 
-from ofa_lib import data, models
-from ofa_lib.data import features
+from ofa_lib import models
+from ofa_lib.data import catalog, features, loading, locate
 from ofa_lib.models import adapters as adapters_lib
 from ofa_lib.progress import beat
 from ofa_lib.train import evaluation, optim
@@ -41,7 +41,7 @@ class Prepared:
     head_fingerprint: str
     label_names: list[str] | None
     timings: dict[str, float] = field(default_factory=dict)
-    data_sources: dict[str, dict[str, Any]] = field(default_factory=dict)  # "dataset/lang/split" -> data.source_of
+    data_sources: dict[str, dict[str, Any]] = field(default_factory=dict)  # "dataset/lang/split" -> loading.source_of
 
 
 def prepare(cfg: TrainConfig) -> Prepared:
@@ -51,14 +51,14 @@ def prepare(cfg: TrainConfig) -> Prepared:
     set_seed(cfg.seed)
     load = dict(map_date_to_o=cfg.map_date_to_o)
     sets = [(cfg.train_dataset, cfg.source_lang(), "train")] + cfg.dev_sets() + cfg.test_sets()
-    data.require(sets)  # every set readable (mirror or hub) before anything is loaded, else one error naming the fix
+    locate.require(sets)  # every set readable (mirror or hub) before anything is loaded, else one error naming the fix
     # the same training subsample for every run (data seed 0): runs differ by lr, batch and seed only,
     # and share one trimmed vocabulary, so their weights can be averaged
-    train_raw = data.load_split(cfg.train_dataset, cfg.source_lang(), "train", subsample=cfg.train_subsample, seed=0, **load)
-    dev_raw = [(s, data.load_split(*s, subsample=cfg.dev_subsample_of(i), seed=0, **load)) for i, s in enumerate(cfg.dev_sets())]
-    test_raw = [(s, data.load_split(*s, subsample=cfg.test_subsample, seed=0, **load)) for s in cfg.test_sets()]
-    sources = {"/".join(key): data.source_of(*key, **load) for key in dict.fromkeys(sets)}
-    label_names = None if cfg.task == "qa" else data.label_names(cfg.train_dataset) if cfg.task != "ner" else data.ner_labels(not cfg.map_date_to_o)
+    train_raw = loading.load_split(cfg.train_dataset, cfg.source_lang(), "train", subsample=cfg.train_subsample, seed=0, **load)
+    dev_raw = [(s, loading.load_split(*s, subsample=cfg.dev_subsample_of(i), seed=0, **load)) for i, s in enumerate(cfg.dev_sets())]
+    test_raw = [(s, loading.load_split(*s, subsample=cfg.test_subsample, seed=0, **load)) for s in cfg.test_sets()]
+    sources = {"/".join(key): loading.source_of(*key, **load) for key in dict.fromkeys(sets)}
+    label_names = None if cfg.task == "qa" else catalog.label_names(cfg.train_dataset) if cfg.task != "ner" else catalog.ner_labels(not cfg.map_date_to_o)
     trim = None
     if cfg.trim_vocab:
         trim = [t for _, ds in [(None, train_raw)] + dev_raw + test_raw for t in evaluation.texts_of(cfg.task, ds)]

@@ -37,8 +37,8 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from ofa_lib import data, io, locks, models
-from ofa_lib.data import features
+from ofa_lib import io, locks, models
+from ofa_lib.data import features, loading
 from ofa_lib.io import write_json, write_parquet
 from ofa_lib.models import ckpt_io
 from ofa_lib.models.running_mean import RunningMean
@@ -108,15 +108,6 @@ def snapshot_steps(total_steps: int, num_snapshots: int) -> list[int]:
     if num_snapshots > total_steps:
         raise ValueError(f"num_snapshots={num_snapshots} exceeds the {total_steps} training steps")
     return [round(total_steps * k / num_snapshots) for k in range(1, num_snapshots + 1)]
-
-
-# --------------------------------------------------------------------------- head alignment
-
-
-# --------------------------------------------------------------------------- data
-
-
-# --------------------------------------------------------------------------- resume state
 
 
 def checkpoint_hashes(state: dict[str, Any], variants: list[str], with_head: bool) -> dict[str, str]:
@@ -189,7 +180,7 @@ def _train(cfg: TrainConfig, out: Path, manifest: dict[str, Any], device_name: s
                     precision=precision, precision_reason=precision_why,
                     n_train_features=len(prep.train), vocab_size=model.config.vocab_size,
                     parameters=models.count_parameters(model), trainable=models.count_parameters(model, True),
-                    data=prep.data_sources, data_summary=data.describe_sources(prep.data_sources))
+                    data=prep.data_sources, data_summary=loading.describe_sources(prep.data_sources))
     if cfg.head_file:
         manifest["head_file"] = str(cfg.head_file.resolve())
     write_json(out / "manifest.json", manifest)
