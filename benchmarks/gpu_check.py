@@ -53,6 +53,7 @@ def precision_check() -> dict:
     import torch
 
     from ofa_lib.train import config, hardware, training
+    from ofa_lib.train import runs as runs_lib
 
     t0 = time.perf_counter()
     dev = torch.device("cuda")
@@ -66,7 +67,7 @@ def precision_check() -> dict:
             import pandas as pd
 
             log = pd.read_parquet(out / "train_log.parquet")
-            manifest = training.read_manifest(out)
+            manifest = runs_lib.read_manifest(out, missing_ok=True)
             ok = bool(log.loss.notna().all() and (log.loss < 1e4).all())
             data["runs"][precision] = {"final_loss": float(log.loss.iloc[-1]), "finite": ok,
                                        "precision_used": manifest["precision"]}

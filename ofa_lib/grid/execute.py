@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import platform
 import shutil
@@ -307,10 +306,13 @@ def pipeline_context(grid: Grid) -> dict[str, Any]:
 
 def data_line(grid: Grid) -> str:
     """Where the runs' data came from, from their manifests (reports print it under the description)."""
+    from ofa_lib.train import (
+        runs as runs_lib,  # torch and pandas: only when a report is built
+    )
+
     summaries: dict[str, int] = {}
     for run in grid.runs:
-        file = run.dir / "manifest.json"
-        manifest = json.loads(file.read_text()) if file.is_file() else {}
+        manifest = runs_lib.read_manifest(run.dir, missing_ok=True) or {}
         # from the recorded sources, so that the line reads as describe_sources writes it now (runs trained
         # before it showed a mirror beside the repository relative to it recorded the absolute path)
         line = loading.describe_sources(manifest["data"]) if manifest.get("data") else manifest.get("data_summary")

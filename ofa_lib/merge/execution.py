@@ -32,7 +32,6 @@ from ofa_lib.merge.pool import (
     base_identity,
     collect_run_metrics,
     groups,
-    manifest,
     store_rows,
 )
 from ofa_lib.models import ckpt_io
@@ -46,6 +45,7 @@ from ofa_lib.train import (
     training,
 )
 from ofa_lib.train.config import TrainConfig
+from ofa_lib.train.runs import read_manifest
 
 
 def execute_pass(plan: CrossRunPlan, store: Store, *, keep_checkpoints: bool = False, device: str | None = None,
@@ -71,7 +71,7 @@ def execute_pass(plan: CrossRunPlan, store: Store, *, keep_checkpoints: bool = F
             t0 = time.perf_counter()
             prep = setup.prepare(cfg)
             if needs_base:  # θ₀ is the skeleton before any merge is loaded into it
-                _write_base(prep, base_file, {manifest(p).get("head_fingerprint") for p in plan.paths.values()})
+                _write_base(prep, base_file, {read_manifest(p).get("head_fingerprint") for p in plan.paths.values()})
             dev, precision, _ = hardware.resolve_runtime(cfg, device)  # the runs' precision rule, on this machine
             skeleton.update(model=prep.model.to(dev).eval(), sets=prep.dev_sets[:1] + prep.test_sets, device=dev,
                             autocast=hardware.AUTOCAST.get(precision))
@@ -85,7 +85,7 @@ def execute_pass(plan: CrossRunPlan, store: Store, *, keep_checkpoints: bool = F
         model_and_sets()
         if not base_file.is_file():  # the skeleton was built by an earlier pass step: build θ₀ afresh
             _write_base(setup.prepare(cfg), base_file,
-                        {manifest(p).get("head_fingerprint") for p in plan.paths.values()})
+                        {read_manifest(p).get("head_fingerprint") for p in plan.paths.values()})
         return base_file
 
     def fishers(spec: merging.MergeSpec, paths: list[Path]) -> list[Path]:
@@ -224,7 +224,7 @@ def run_fisher_diagonal(run_dir: str | Path, variant: str = "ca", methods: Any =
         raise merging.MergeSpecError(f"run_fisher_diagonal: methods={methods!r} has no fisher entry")
     if variant not in AVERAGE_VARIANTS + ("trg_dev",):
         raise ValueError(f"run_fisher_diagonal: unknown variant {variant!r}; expected one of {AVERAGE_VARIANTS}")
-    m = manifest(run_dir)
+    m = read_manifest(run_dir)
     ckpt_io.verify_recorded(run_dir, m.get("checkpoint_sha256") or {}, m["run_id"])
     cfg = TrainConfig(**m["params"])
     cache_dir = Path(cache_dir) if cache_dir else run_dir.parent.parent / "averages" / cfg.task / "fisher"
@@ -246,7 +246,7 @@ def base_file_of_run(run_dir: str | Path, averages_dir: str | Path | None = None
     and written once in fp32 where the cross-run pass keeps it
     (``<averages_dir or runs_root/../averages/<task>>/base-<digest>.safetensors``, the same file)."""
     run_dir = Path(run_dir)
-    m = manifest(run_dir)
+    m = read_manifest(run_dir)
     ckpt_io.verify_recorded(run_dir, m.get("checkpoint_sha256") or {}, m["run_id"])
     runs = pd.DataFrame([{"run_id": m["run_id"], "path": str(run_dir), "head_fingerprint": m.get("head_fingerprint")}])
     base_id = next(iter(groups(base_identity(runs))))  # as plan_pass names it

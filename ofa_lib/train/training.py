@@ -25,7 +25,6 @@ replays the last steps bit for bit.
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import math
 import platform
 import subprocess
@@ -55,6 +54,7 @@ from ofa_lib.train.config import (
 )
 from ofa_lib.train.hardware import AUTOCAST, resolve_runtime
 from ofa_lib.train.resume import clean_litter, load_resume, read_final, save_resume
+from ofa_lib.train.runs import read_manifest
 from ofa_lib.train.setup import prepare
 from ofa_lib.train.stopping import RunInterrupted, StopRequest, stop_signals
 
@@ -72,15 +72,10 @@ def run_dir(cfg: TrainConfig, output_root: str | Path | None = None) -> Path:
     return runs_root(output_root) / cfg.run_id
 
 
-def read_manifest(path: Path) -> dict[str, Any] | None:
-    file = path / "manifest.json"
-    return json.loads(file.read_text()) if file.is_file() else None
-
-
 def is_done(cfg: TrainConfig, output_root: str | Path | None = None) -> bool:
     """True when the run finished and its outputs are all there."""
     path = run_dir(cfg, output_root)
-    manifest = read_manifest(path)
+    manifest = read_manifest(path, missing_ok=True)
     if not manifest or manifest.get("status") != "done":
         return False
     needed = ["metrics.parquet"] + [f"checkpoints/{v}.safetensors" for v in manifest.get("variants", VARIANTS)]
