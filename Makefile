@@ -60,8 +60,9 @@ demo-sam: install
 demo-unfreezing: install
 	$(BIN)/python -m ofa_lib.grid run params/grids/demo_unfreezing.yaml --backend local
 
-# the paper's NER protocol at CPU scale (21 runs; `grid plan --estimate`: 92 min on a quiet 2-core CPU, which
-# under-estimated the measured demo 1.47×: budget 2.5 h). Its learning-rate sweep: params/grids/cpu_ner_sweep.yaml
+# the paper's NER protocol at CPU scale (21 runs, then 03 over 3 samplings and 04; budget 2.5 h on a quiet 2-core
+# CPU, measured in the README; `grid plan --estimate` says less: it under-estimated these runs 1.6×). Resumable:
+# run it again after a stop. Its learning-rate sweep: params/grids/cpu_ner_sweep.yaml
 study-ner: install
 	$(BIN)/python -m ofa_lib.grid plan params/grids/cpu_ner.yaml --estimate
 	$(BIN)/python -m ofa_lib.grid run params/grids/cpu_ner.yaml --backend local

@@ -33,7 +33,7 @@ def paper_rows() -> tuple[list[tuple], dict]:
     """Cost-model bytes of one grid run (median over the grid's runs) of each grid of :data:`GRIDS`. Where the
     grid's data is not here (the paper grids need the full MultiNLI / WikiANN / TyDiQA), the training time that
     sets the number of resume states comes from the authors' V100-hours instead of the token count."""
-    from ofa_lib import data
+    from ofa_lib.data import catalog
     from ofa_lib.grid import cost
     from ofa_lib.grid import spec as grid_spec
 
@@ -47,7 +47,7 @@ def paper_rows() -> tuple[list[tuple], dict]:
             med = {k: statistics.median(getattr(r, k) for r in runs)
                    for k in ("bytes_kept", "bytes_written", "bytes_written_before")}
             basis = f"estimate on {est.device}"
-        except (data.DataUnavailableError, ValueError):  # data (or some of its languages) not in the mirror
+        except (catalog.DataUnavailableError, ValueError):  # data (or some of its languages) not in the mirror
             train_s = AUTHORS_HOURS_PER_RUN * 3600
             kept, written, before = cost.run_bytes(
                 cfg, None, cost.resume_writes(train_s, cfg.num_snapshots, None),

@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     from ofa_lib.grid import cost
     from ofa_lib.grid import execute as grid_execute
     from ofa_lib.grid import spec as grid_spec
+    from ofa_lib.train import runs as runs_lib
     from ofa_lib.train import training
 
     grid = grid_spec.load_grid("demo")
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
         c0, w0 = cpu_seconds(resource.RUSAGE_SELF), time.perf_counter()
         out = training.run_training(head.cfg, Path(tmp) / "runs", progress=False)
         run_cpu, run_wall = cpu_seconds(resource.RUSAGE_SELF) - c0, time.perf_counter() - w0
-        manifest = training.read_manifest(out)
+        manifest = runs_lib.read_manifest(out, missing_ok=True)
         # the notebook around a run: kernel start, imports, the finished run's tables and figure
         k0, w1 = cpu_seconds(resource.RUSAGE_CHILDREN), time.perf_counter()
         grid_execute.execute_notebook("02_train.ipynb", Path(tmp) / "nb" / "02_train.ipynb",

@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     import datasets
 
-    from ofa_lib.train import config, evaluation, training
+    from ofa_lib.train import config, evaluation, hardware, setup
 
     datasets.disable_progress_bars()
     device = torch.device(args.device)
@@ -89,10 +89,10 @@ def main(argv: list[str] | None = None) -> None:
         cfg = config.make_config("nli", "cpu", max_length=args.max_length, eval_batch_size=args.batch_size,
                                  test_subsample=args.n, dev_subsample=8, train_subsample=64, num_snapshots=1,
                                  target_langs={"xnli": args.langs}, **extra)
-        prep = training.prepare(cfg)
+        prep = setup.prepare(cfg)
     model = prep.model.to(device).eval()
-    precision = training.resolve_precision(cfg.precision, torch.device(device))[0]
-    autocast = training.AUTOCAST.get(precision)
+    precision = hardware.resolve_precision(cfg.precision, torch.device(device))[0]
+    autocast = hardware.AUTOCAST.get(precision)
     sets = prep.test_sets
     n_rows = sum(len(s.rows) for s in sets)
     lengths = [len(r["input_ids"]) for s in sets for r in s.rows]

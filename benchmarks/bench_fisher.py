@@ -2,7 +2,7 @@
 Fisher on N English examples, what the diagonal looks like, and time / peak memory of a fisher merge.
 
 For the first of ``--runs`` (finished runs: their manifests, checkpoints and config), the run's
-data and model are prepared once (``training.prepare``; not timed), then for each N of
+data and model are prepared once (``setup.prepare``; not timed), then for each N of
 ``--examples`` the diagonal of its ``--variant`` checkpoint is computed into a fresh cache
 (``execution.fisher_diagonal_of``: N seeded English training examples, one forward + backward per
 example, labels sampled from the model, the runs' precision) and timed; the diagonal's entries
@@ -83,15 +83,15 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     from ofa_lib.merge import execution, merging
     from ofa_lib.models import ckpt_io
-    from ofa_lib.train import fisher, training
+    from ofa_lib.train import fisher, hardware, setup
     from ofa_lib.train.config import TrainConfig
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench_fisher_"))
     try:
         cfg = TrainConfig(**json.loads((args.runs[0] / "manifest.json").read_text())["params"])
-        prep = training.prepare(cfg)
-        dev, precision, _ = training.resolve_runtime(cfg, "cpu")
-        autocast = training.AUTOCAST.get(precision)
+        prep = setup.prepare(cfg)
+        dev, precision, _ = hardware.resolve_runtime(cfg, "cpu")
+        autocast = hardware.AUTOCAST.get(precision)
         n_params = sum(p.numel() for p in prep.model.parameters())
         ckpts = [r / "checkpoints" / f"{args.variant}.safetensors" for r in args.runs]
         rows = []

@@ -30,11 +30,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     from ofa_lib.data import features
-    from ofa_lib.train import config, optim, training
+    from ofa_lib.train import config, hardware, optim, setup
 
     cfg = config.make_config("sib", "cpu", batch_size=args.batch_size, trim_vocab=True, freeze_embeddings=True,
                              target_langs={"sib200": ["deu_Latn"]}, dev_subsample=8, test_subsample=8)
-    prep = training.prepare(cfg)
+    prep = setup.prepare(cfg)
     rows = prep.train.select_columns([c for c in ("input_ids", "attention_mask", "token_type_ids", "labels")
                                       if c in prep.train.column_names]).to_list()
     lengths = [len(r["input_ids"]) for r in rows]
@@ -44,13 +44,13 @@ def main(argv: list[str] | None = None) -> None:
     padded = {k: features.padded_tokens(lengths, v) / sum(lengths) for k, v in batchings.items()}
     start = copy.deepcopy(prep.model.state_dict())
     precisions = {"fp32": None}
-    if training.resolve_precision("auto", torch.device("cpu"))[0] == "bf16":
+    if hardware.resolve_precision("auto", torch.device("cpu"))[0] == "bf16":
         precisions["bf16"] = torch.bfloat16
 
     def epoch(batches, dtype) -> float:
         prep.model.load_state_dict(start)
         prep.model.train()
-        opt = torch.optim.AdamW(training.decay_groups(prep.model, cfg.weight_decay), lr=cfg.lr, fused=True)
+        opt = torch.optim.AdamW(optim.decay_groups(prep.model, cfg.weight_decay), lr=cfg.lr, fused=True)
         t0 = time.perf_counter()
         for b in batches:
             optim.train_step(prep.model, features.collate([rows[i] for i in b], prep.tokenizer.pad_token_id), opt,

@@ -1,6 +1,6 @@
 """Precision on this machine's CPU: fp32 against bf16 autocast, one training step of an e5-small-shaped BERT.
 
-What ``precision: auto`` decides from the hardware (``ofa_lib.train.training.resolve_precision``) is
+What ``precision: auto`` decides from the hardware (``ofa_lib.train.hardware.resolve_precision``) is
 checked here against a measurement: forward + backward + fused AdamW step of a randomly
 initialised BERT with multilingual-e5-small's shape (12 layers, hidden 384, 12 heads, FFN 1536,
 vocabulary trimmed to 8,000 as the ``cpu`` preset does), batch 16 × 64 tokens, the same batch for
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     from transformers import BertConfig, BertForSequenceClassification
 
-    from ofa_lib.train import training
+    from ofa_lib.train import hardware
 
     torch.manual_seed(0)
     model = BertForSequenceClassification(BertConfig(
@@ -63,8 +63,8 @@ def main(argv: list[str] | None = None) -> None:
         for name in (list(modes) if rep % 2 == 0 else list(modes)[::-1]):
             times[name].append(step_seconds(model, batch, optimizer, modes[name]))
             print(f"repeat {rep + 1}: {name} {times[name][-1]:.2f} s", flush=True)
-    hw = training.cpu_precision_support()
-    picked, why = training.resolve_precision("auto", torch.device("cpu"))
+    hw = hardware.cpu_precision_support()
+    picked, why = hardware.resolve_precision("auto", torch.device("cpu"))
     r = _c.ratio(times["bf16"], times["fp32"])
     table = _c.md_table(["precision", "seconds per step"], [(k, _c.fmt(v, 2)) for k, v in times.items()], "lr")
     faster = "fp32" if r > 1 else "bf16"
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
                               "fp32" if picked == "bf16" else "bf16 autocast", f"{r:.2f}×",
                               "auto picks the faster", "met" if agree else "missed",
                               "" if agree else f"auto picked {picked} but {faster} measured faster: "
-                              "revisit training.cpu_precision_support's rule for this CPU")]
+                              "revisit hardware.cpu_precision_support's rule for this CPU")]
     _c.write_result(name="precision", title="Precision chosen by the hardware (CPU)", markdown=text,
                     summary=summary, data={"seconds": times, "hardware": hw, "auto": picked, "why": why},
                     started=started, json_path=_c.json_target(args.json), md_path=args.out)

@@ -46,10 +46,10 @@ def trainer(cfg, root: Path, device: str) -> float:
         TrainingArguments,
     )
 
-    from ofa_lib.train import training
+    from ofa_lib.train import hardware, setup
 
-    prep = training.prepare(cfg)
-    precision = training.resolve_precision(cfg.precision, torch.device(device))[0]
+    prep = setup.prepare(cfg)
+    precision = hardware.resolve_precision(cfg.precision, torch.device(device))[0]
     stamps: list[float] = []
 
     class Clock(TrainerCallback):
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--steps must be >= 3 and --repeats >= 1")
     _c.check_device(parser, args.device)
     torch.set_num_threads(args.threads)
-    from ofa_lib.train import config, training
+    from ofa_lib.train import config, hardware
 
     results: dict[str, list[float]] = {"ofa_lib": [], "transformers.Trainer": []}
     peaks: dict[str, list[float]] = {"ofa_lib": [], "transformers.Trainer": []}  # CUDA: GiB allocated at peak
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
                     if args.device == "cuda":
                         peaks[name].append(torch.cuda.max_memory_allocated() / 2**30)
                     print(f"repeat {rep + 1}: {name} {results[name][-1]:.1f} examples/s", flush=True)
-    precision = training.resolve_precision("auto", torch.device(args.device))[0]
+    precision = hardware.resolve_precision("auto", torch.device(args.device))[0]
     r = _c.ratio(results["ofa_lib"], results["transformers.Trainer"])
     per_rep = [a / b for a, b in zip(results["ofa_lib"], results["transformers.Trainer"])]
     device = args.device if args.device == "cpu" else f"cuda ({torch.cuda.get_device_name(0)})"

@@ -52,11 +52,12 @@ def check(name: str, title: str, fn, started_all: float, budget_s: float) -> dic
 def precision_check() -> dict:
     import torch
 
-    from ofa_lib.train import config, training
+    from ofa_lib.train import config, hardware, training
+    from ofa_lib.train import runs as runs_lib
 
     t0 = time.perf_counter()
     dev = torch.device("cuda")
-    auto, why = training.resolve_precision("auto", dev)
+    auto, why = hardware.resolve_precision("auto", dev)
     cc = torch.cuda.get_device_capability(dev)
     rows, data = [], {"auto": auto, "why": why, "capability": cc, "runs": {}}
     for precision in (["bf16"] if cc >= (8, 0) else []) + ["fp16"]:
@@ -66,7 +67,7 @@ def precision_check() -> dict:
             import pandas as pd
 
             log = pd.read_parquet(out / "train_log.parquet")
-            manifest = training.read_manifest(out)
+            manifest = runs_lib.read_manifest(out, missing_ok=True)
             ok = bool(log.loss.notna().all() and (log.loss < 1e4).all())
             data["runs"][precision] = {"final_loss": float(log.loss.iloc[-1]), "finite": ok,
                                        "precision_used": manifest["precision"]}
@@ -171,9 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     if not torch.cuda.is_available():
-        from ofa_lib.train import training
+        from ofa_lib.train import hardware
 
-        print(f"gpu-check: no usable CUDA device here ({training.torch_build()}); nothing to check", file=sys.stderr)
+        print(f"gpu-check: no usable CUDA device here ({hardware.torch_build()}); nothing to check", file=sys.stderr)
         return 2
     start = time.perf_counter()
     check("gpu_precision", "CUDA precision paths", precision_check, start, args.budget_s)

@@ -74,13 +74,13 @@ notebook_params.check(globals(), "02_train")  # unknown parameters and wrong typ
 import torch
 
 from ofa_lib.analysis import plots
-from ofa_lib.train import config, runs, training
+from ofa_lib.train import config, hardware, runs, training
 
 if threads:
     torch.set_num_threads(int(threads))
 knobs = {k: v for k, v in globals().items() if k in config.TrainConfig.__dataclass_fields__}
 cfg = config.make_config(**knobs)  # fails here, naming the parameter, before any work
-run_device, run_precision, why = training.resolve_runtime(cfg, device)  # no CUDA / no bf16: fails here
+run_device, run_precision, why = hardware.resolve_runtime(cfg, device)  # no CUDA / no bf16: fails here
 print(f"device {run_device}, precision {run_precision} ({why})")
 runs.config_table(cfg)
 

@@ -59,6 +59,7 @@ from ofa_lib.analysis import label_free, plots, report
 from ofa_lib.merge import pool
 from ofa_lib.results import selection
 from ofa_lib.train import measures as M
+from ofa_lib.train import runs as runs_lib
 
 if threads:
     torch.set_num_threads(int(threads))
@@ -156,7 +157,8 @@ close
 # %%
 sharp = [m for m in measures if m.startswith("sharpness")]
 if flat_samplings and sharp and len(runs) > 1:
-    sk = label_free.Skeleton(label_free._config(runs["path"].iloc[0]), n_examples or int(label_free._config(runs["path"].iloc[0]).measure_examples), device)
+    first = runs_lib.run_config(runs["path"].iloc[0])
+    sk = label_free.Skeleton(first, n_examples or int(first.measure_examples), device)
     flat = label_free.averaged_flatness(runs, data, frame, sk, variant=flat_variant,
                                         samplings=data.sampling_seeds[:flat_samplings], names=sharp, options=measure_options)
     report.write_csv(flat, out / "averaged_flatness.csv")

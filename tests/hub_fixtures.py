@@ -22,8 +22,7 @@ from typing import Any
 import datasets
 import yaml
 
-from ofa_lib import data
-from ofa_lib.data import hub
+from ofa_lib.data import catalog, hub, loading
 
 STRING = datasets.Value("string")
 NER_HUB_NAMES = {
@@ -37,17 +36,17 @@ NER_HUB_NAMES = {
 def mirror_rows(dataset: str, lang: str, split: str, n: int | None) -> datasets.Dataset:
     """The first ``n`` rows the mirror loader gives (NER with DATE kept, as the hub has it)."""
     # the mirror has only the 15k slice of MultiNLI: it stands in for the full train split's first rows
-    ds = data.load_split("mnli15k" if dataset == "multinli" else dataset, lang, split, source="mirror",
+    ds = loading.load_split("mnli15k" if dataset == "multinli" else dataset, lang, split, source="mirror",
                          map_date_to_o=False)
     return ds if n is None or n >= len(ds) else ds.select(range(n))
 
 
 def to_hub_schema(dataset: str, lang: str, rows: datasets.Dataset, nli_names: list[str] | None = None) -> datasets.Dataset:
     """Study rows -> rows in the hub repository's own schema."""
-    task = data.DATASETS[dataset].task
+    task = catalog.DATASETS[dataset].task
     if task == "nli":
-        names = nli_names or data.NLI_LABELS
-        labels = [names.index(data.NLI_LABELS[v]) for v in rows["label"]]
+        names = nli_names or catalog.NLI_LABELS
+        labels = [names.index(catalog.NLI_LABELS[v]) for v in rows["label"]]
         cols: dict[str, Any] = {"premise": rows["premise"], "hypothesis": rows["hypothesis"], "label": labels}
         feats = {"premise": STRING, "hypothesis": STRING, "label": datasets.ClassLabel(names=names)}
         if dataset in ("multinli", "mnli15k"):  # nyu-mll/multi_nli has ids and the genre too
@@ -56,7 +55,7 @@ def to_hub_schema(dataset: str, lang: str, rows: datasets.Dataset, nli_names: li
             feats = {"promptID": datasets.Value("int32"), "pairID": STRING, **feats, "genre": STRING}
         return datasets.Dataset.from_dict(cols, features=datasets.Features(feats))
     if task == "ner":
-        study = data.ner_labels(with_date=True)
+        study = catalog.ner_labels(with_date=True)
         names = NER_HUB_NAMES[dataset]
         tags = [[names.index(study[t]) for t in sent] for sent in rows["ner_tags"]]
         cols = {"tokens": rows["tokens"], "ner_tags": tags}
@@ -77,12 +76,12 @@ def to_hub_schema(dataset: str, lang: str, rows: datasets.Dataset, nli_names: li
             del cols["title"], feats["title"]
         return datasets.Dataset.from_dict(cols, features=datasets.Features(feats))
     if task == "sib":
-        cols = {"index_id": list(range(len(rows))), "category": [data.SIB_TOPICS[v] for v in rows["label"]],
+        cols = {"index_id": list(range(len(rows))), "category": [catalog.SIB_TOPICS[v] for v in rows["label"]],
                 "text": rows["text"]}
         feats = {"index_id": datasets.Value("int64"), "category": STRING, "text": STRING}
         return datasets.Dataset.from_dict(cols, features=datasets.Features(feats))
     return datasets.Dataset.from_dict({"text": rows["text"], "label": rows["label"]}, features=datasets.Features(
-        {"text": STRING, "label": datasets.ClassLabel(names=data.SENTIMENT_LABELS)}))
+        {"text": STRING, "label": datasets.ClassLabel(names=catalog.SENTIMENT_LABELS)}))
 
 
 def build_hub_root(root: Path, units: dict[tuple[str, str, str], int | None],

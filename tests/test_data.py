@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from ofa_lib import data
-from ofa_lib.data import MalformedDataWarning, load_split
+from ofa_lib.data import catalog, loading, locate
+from ofa_lib.data.catalog import MalformedDataWarning
+from ofa_lib.data.loading import load_split
 
 # (dataset, lang, split) -> examples, as the data README states them.
 COUNTS = {
@@ -63,18 +64,17 @@ MIRROR_SIZES = {
 
 
 def test_registry():
-    assert set(data.DATASETS) == set(MIRROR_SIZES) | {"multinli", "indicxnli"}
-    assert {data.task_of(d) for d in data.DATASETS} == set(data.TASKS)
-    assert data.task_of("umsab") == "sentiment" and data.task_of("sib200") == "sib"
+    assert set(catalog.DATASETS) == set(MIRROR_SIZES) | {"multinli", "indicxnli"}
+    assert {catalog.task_of(d) for d in catalog.DATASETS} == set(catalog.TASKS)
+    assert catalog.task_of("umsab") == "sentiment" and catalog.task_of("sib200") == "sib"
     # offline (the test environment) only the mirror's languages are available
-    assert {d: len(data.languages(d)) for d in MIRROR_SIZES} == MIRROR_SIZES
+    assert {d: len(locate.languages(d)) for d in MIRROR_SIZES} == MIRROR_SIZES
     # known languages add the hub copies' (IndicXNLI's 11, WikiANN's XTREME languages …)
-    assert len(data.known_languages("indicxnli")) == 11 and len(data.known_languages("wikiann")) == 46
-    assert data.known_languages("sib200") == data.languages("sib200")
-    assert "nqo_Nkoo.zip" not in data.languages("sib200")
-    assert data.DATASETS["xnli"].languages == data.languages("xnli")
-    assert data.available_splits("tydiqa_goldp", "fi") == ["validation"]
-    assert data.available_splits("tydiqa_goldp", "en") == ["train", "validation"]
+    assert len(locate.known_languages("indicxnli")) == 11 and len(locate.known_languages("wikiann")) == 46
+    assert locate.known_languages("sib200") == locate.languages("sib200")
+    assert "nqo_Nkoo.zip" not in locate.languages("sib200")
+    assert locate.available_splits("tydiqa_goldp", "fi") == ["validation"]
+    assert locate.available_splits("tydiqa_goldp", "en") == ["train", "validation"]
 
 
 def test_columns_per_task():
@@ -88,7 +88,7 @@ def test_columns_per_task():
 def test_nli_labels_agree_between_mnli_and_xnli():
     mnli = load_split("mnli15k", "en", "train")
     xnli = load_split("xnli", "en", "validation")
-    assert mnli.features["label"].names == xnli.features["label"].names == data.NLI_LABELS
+    assert mnli.features["label"].names == xnli.features["label"].names == catalog.NLI_LABELS
     # File counts of the words entailment / neutral / contradictory.
     assert Counter(mnli["label"]) == {0: 5100, 1: 4397, 2: 5504}
     first = mnli[0]
@@ -100,21 +100,21 @@ def test_nli_labels_agree_between_mnli_and_xnli():
 
 
 def test_label_names():
-    assert data.label_names("wikiann") == data.NER_LABELS
-    assert data.ner_labels(True) == data.NER_LABELS + ["B-DATE", "I-DATE"]
-    assert data.ner_labels(False) == data.NER_LABELS
-    topics = data.label_names("sib200")
+    assert catalog.label_names("wikiann") == catalog.NER_LABELS
+    assert catalog.ner_labels(True) == catalog.NER_LABELS + ["B-DATE", "I-DATE"]
+    assert catalog.ner_labels(False) == catalog.NER_LABELS
+    topics = catalog.label_names("sib200")
     assert topics == sorted(topics) and len(topics) == 7 and "science/technology" in topics
     assert load_split("sib200", "yor_Latn", "train").features["label"].names == topics
-    assert data.label_names("umsab") == ["negative", "neutral", "positive"]
-    assert data.label_names("xquad") == []
+    assert catalog.label_names("umsab") == ["negative", "neutral", "positive"]
+    assert catalog.label_names("xquad") == []
 
 
 def test_masakhaner_date_maps_to_o_by_default():
     default = load_split("masakhaner", "hau", "train")
     dated = load_split("masakhaner", "hau", "train", map_date_to_o=False)
-    assert default.features["ner_tags"].feature.names == data.NER_LABELS
-    assert dated.features["ner_tags"].feature.names == data.ner_labels(with_date=True)
+    assert default.features["ner_tags"].feature.names == catalog.NER_LABELS
+    assert dated.features["ner_tags"].feature.names == catalog.ner_labels(with_date=True)
     tags_default, tags_dated = default["ner_tags"], dated["ner_tags"]
     flat_dated = [t for s in tags_dated for t in s]
     assert {7, 8} <= set(flat_dated)  # B-DATE / I-DATE exist in the file
@@ -133,8 +133,8 @@ def test_xho_malformed_sentences_are_reported_and_skipped():
         assert all(t.strip() for t in tokens)
     # No tag is shifted: an independent naive reading of the file, minus the sentences that
     # hold a line with an empty token, gives exactly the loaded sentences.
-    path = data.mirror_root() / "ner" / "masakhaner2" / "xho" / "train.txt"
-    names = data.ner_labels(with_date=True)
+    path = locate.mirror_root() / "ner" / "masakhaner2" / "xho" / "train.txt"
+    names = catalog.ner_labels(with_date=True)
     expected, sentence = [], []
     for line in path.read_text(encoding="utf-8").split("\n") + [""]:
         if line.strip():
@@ -168,7 +168,7 @@ def test_subsample_is_seeded_and_deterministic():
     assert a._fingerprint == b._fingerprint
     assert a["premise"] != c["premise"]
     assert len(load_split("xnli", "fr", "validation", subsample=10**6)) == 2_490
-    assert data.subsample_indices(10, 3, seed=0) == data.subsample_indices(10, 3, seed=0)
+    assert loading.subsample_indices(10, 3, seed=0) == loading.subsample_indices(10, 3, seed=0)
 
 
 def test_returned_datasets_are_independent():
@@ -198,14 +198,14 @@ def test_missing_data_dir_says_how_to_set_it(monkeypatch, tmp_path):
     with pytest.raises(FileNotFoundError, match="OFA_DATA_DIR"):
         load_split("xnli", "en", "test")
     with pytest.raises(FileNotFoundError, match="OFA_DATA_DIR"):
-        data.languages("xnli")
+        locate.languages("xnli")
     # An unknown dataset is reported before the data directory is looked at.
     with pytest.raises(ValueError, match="dataset='nope'"):
         load_split("nope", "en", "test")
 
 
 # --------------------------------------------------------------------------- corrupt user files (issue 13, item 4)
-REAL_MIRROR = data.mirror_root()
+REAL_MIRROR = locate.mirror_root()
 
 
 def _copy_mirror_file(tmp_path, monkeypatch, rel: str, n_lines: int | None = None) -> "Path":
@@ -224,7 +224,7 @@ def test_non_utf8_byte_is_named_with_file_and_line(tmp_path, monkeypatch):
     raw = path.read_bytes().split(b"\n")
     raw[6] = raw[6].replace(b"e", b"\xe9", 1)  # a Latin-1 byte on line 7
     path.write_bytes(b"\n".join(raw))
-    with pytest.raises(data.DataError, match=r"validation/de\.tsv:7: byte 0xe9 .* not UTF-8; expected UTF-8"):
+    with pytest.raises(catalog.DataError, match=r"validation/de\.tsv:7: byte 0xe9 .* not UTF-8; expected UTF-8"):
         load_split("xnli", "de", "validation")
 
 
@@ -233,40 +233,40 @@ def test_bad_label_word_is_named_with_file_and_line(tmp_path, monkeypatch):
     lines = path.read_text(encoding="utf-8").split("\n")
     lines[11] = lines[11].rsplit("\t", 1)[0] + "\tmaybe"
     path.write_text("\n".join(lines), encoding="utf-8")
-    with pytest.raises(data.DataError, match=r"multinli\.train\.en\.15k\.tsv:12: label 'maybe' is not one of"):
+    with pytest.raises(catalog.DataError, match=r"multinli\.train\.en\.15k\.tsv:12: label 'maybe' is not one of"):
         load_split("mnli15k", "en", "train")
     path = _copy_mirror_file(tmp_path, monkeypatch, "nli/xnli/test/de.tsv", 10)
     lines = path.read_text(encoding="utf-8").split("\n")
     lines[3] = lines[3].rsplit("\t", 1)[0] + "\tneutral"  # a word where XNLI has ids
     path.write_text("\n".join(lines), encoding="utf-8")
-    with pytest.raises(data.DataError, match=r"test/de\.tsv:4: label 'neutral' is not one of the ids \[0, 1, 2\]"):
+    with pytest.raises(catalog.DataError, match=r"test/de\.tsv:4: label 'neutral' is not one of the ids \[0, 1, 2\]"):
         load_split("xnli", "de", "test")
 
 
 def test_truncated_json_is_named_with_file_line_and_column(tmp_path, monkeypatch):
     path = _copy_mirror_file(tmp_path, monkeypatch, "qa/xquad/de.json")
     path.write_bytes(path.read_bytes()[:5000])
-    with pytest.raises(data.DataError, match=r"xquad/de\.json:\d+:\d+: invalid JSON .*truncated"):
+    with pytest.raises(catalog.DataError, match=r"xquad/de\.json:\d+:\d+: invalid JSON .*truncated"):
         load_split("xquad", "de", "test")
     path.write_text(json.dumps({"data": [{"title": "t", "paragraphs": [{"context": "c"}]}]}))
-    data._load_full.cache_clear()
-    with pytest.raises(data.DataError, match=r"xquad/de\.json: not SQuAD v1\.1 JSON: KeyError 'qas'"):
+    loading._load_full.cache_clear()
+    with pytest.raises(catalog.DataError, match=r"xquad/de\.json: not SQuAD v1\.1 JSON: KeyError 'qas'"):
         load_split("xquad", "de", "test")
 
 
 def test_ner_file_with_the_wrong_separator_is_an_error_not_zero_rows(tmp_path, monkeypatch):
     path = _copy_mirror_file(tmp_path, monkeypatch, "ner/masakhaner/hau/dev.txt", 200)
     path.write_text(path.read_text(encoding="utf-8").replace(" ", "\t"), encoding="utf-8")
-    with pytest.raises(data.DataError, match=r"hau/dev\.txt:1: no sentence could be read: expected 'token tag' "
+    with pytest.raises(catalog.DataError, match=r"hau/dev\.txt:1: no sentence could be read: expected 'token tag' "
                                              r"lines \(one space\) — its lines are tab-separated"):
         load_split("masakhaner", "hau", "validation")
     path = _copy_mirror_file(tmp_path / "w", monkeypatch, "ner/wikiann/de/test.conllu", 200)
     path.write_text(path.read_text(encoding="utf-8").replace("\t", " "), encoding="utf-8")
-    with pytest.raises(data.DataError, match=r"de/test\.conllu:1: .*tab-separated\) — its lines are space-separated"):
+    with pytest.raises(catalog.DataError, match=r"de/test\.conllu:1: .*tab-separated\) — its lines are space-separated"):
         load_split("wikiann", "de", "test")
 
 
 def test_header_only_split_is_an_error_in_load_split(tmp_path, monkeypatch):
     _copy_mirror_file(tmp_path, monkeypatch, "cls/sib200/deu_Latn/test.tsv", 1)
-    with pytest.raises(data.DataError, match=r"cls/sib200/deu_Latn/test\.tsv: sib200/deu_Latn/test has no examples"):
+    with pytest.raises(catalog.DataError, match=r"cls/sib200/deu_Latn/test\.tsv: sib200/deu_Latn/test has no examples"):
         load_split("sib200", "deu_Latn", "test")

@@ -15,9 +15,8 @@ import datasets
 import pytest
 from hub_fixtures import build_hub_root
 
-from ofa_lib import data
+from ofa_lib.data import catalog, features, hub, loading, locate
 from ofa_lib.data import cli as datacli
-from ofa_lib.data import features, hub
 from ofa_lib.paths import REPO_ROOT
 from ofa_lib.train import config
 
@@ -44,7 +43,7 @@ def hub_root(tmp_path_factory):
     """Every family's hub repository under one folder (built once; ~3 s), and a private datasets cache."""
     root = tmp_path_factory.mktemp("hub")
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", data.MalformedDataWarning)
+        warnings.simplefilter("ignore", catalog.MalformedDataWarning)
         written = build_hub_root(root, UNITS)
     return root, written
 
@@ -66,7 +65,7 @@ def _mirror(dataset: str, lang: str, split: str, n: int) -> datasets.Dataset:
     """The real mirror's first ``n`` rows (what the fixture clone was built from)."""
     saved = os.environ.pop("OFA_DATA_DIR")
     try:
-        return data.load_split("mnli15k" if dataset == "multinli" else dataset, lang, split, source="mirror").select(range(n))
+        return loading.load_split("mnli15k" if dataset == "multinli" else dataset, lang, split, source="mirror").select(range(n))
     finally:
         os.environ["OFA_DATA_DIR"] = saved
 
@@ -78,14 +77,14 @@ def test_hub_copy_gives_the_mirror_rows_labels_and_features(hub_only, family, ti
     for (dataset, lang, split), n in written.items():
         if dataset != family:
             continue
-        assert data.locate(dataset, lang, split).kind == "hub-local"
-        got = data.load_split(dataset, lang, split)
+        assert locate.locate(dataset, lang, split).kind == "hub-local"
+        got = loading.load_split(dataset, lang, split)
         ref = _mirror(dataset, lang, split, n)
         assert len(got) == n and got.features == ref.features
         for column in ref.column_names:
             if not (dataset == "xquad" and column == "title"):  # google/xquad has no titles
                 assert got[column] == ref[column], (dataset, lang, split, column)
-        task = "sentiment" if data.task_of(dataset) == "sentiment" else data.task_of(dataset)
+        task = "sentiment" if catalog.task_of(dataset) == "sentiment" else catalog.task_of(dataset)
         head = range(min(n, 80))  # featurizing is the slow part: the first rows show the inputs agree
         a = features.featurize(task, got.select(head), tiny_tokenizer, max_length=192, doc_stride=32, train=True)
         b = features.featurize(task, ref.select(head), tiny_tokenizer, max_length=192, doc_stride=32, train=True)
@@ -98,10 +97,10 @@ def test_hub_xnli_clone_in_its_own_layout_loads_like_the_mirror(hub_only):
     readme = (root / "facebook/xnli/README.md").read_text()
     assert "config_name: de" in readme and "class_label" in readme and "contradiction" in readme
     for split, n in (("validation", 2490), ("test", 5010)):
-        got = data.load_split("xnli", "de", split)
+        got = loading.load_split("xnli", "de", split)
         assert len(got) == n and got["label"] == _mirror("xnli", "de", split, n)["label"]
-    assert data.languages("xnli") == sorted(hub.XNLI_LANGS)  # the hub copy's languages, no mirror
-    src = data.source_of("xnli", "de", "validation")
+    assert locate.languages("xnli") == sorted(hub.XNLI_LANGS)  # the hub copy's languages, no mirror
+    src = loading.source_of("xnli", "de", "validation")
     assert src["source"] == "hub-local" and src["repo"] == "facebook/xnli" and src["config"] == "de"
     assert src["path"] == str(root / "facebook/xnli")
 
@@ -113,26 +112,26 @@ def test_hub_labels_are_mapped_by_name_not_position(hub_root, tmp_path, monkeypa
     monkeypatch.setenv("OFA_DATA_DIR", str(tmp_path / "none"))
     monkeypatch.setenv("OFA_HUB_ROOT", str(reordered))
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
-    assert data.load_split("xnli", "fr", "validation")["label"] == _mirror("xnli", "fr", "validation", 120)["label"]
+    assert loading.load_split("xnli", "fr", "validation")["label"] == _mirror("xnli", "fr", "validation", 120)["label"]
 
 
 def test_hub_is_used_only_where_the_mirror_lacks_the_data(hub_root, tmp_path, monkeypatch):
     root, _ = hub_root
     monkeypatch.setenv("OFA_HUB_ROOT", str(root))
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
-    assert data.locate("xnli", "de", "validation").kind == "mirror"  # mirror first
-    assert data.locate("multinli", "en", "train").kind == "hub-local"  # the mirror has only the slice
-    assert "fi" in data.languages("wikiann") and len(data.languages("wikiann")) == len(hub.WIKIANN_LANGS)
-    assert data.available_splits("tydiqa_goldp", "fi") == ["train", "validation"]  # fi train: the hub has it
-    assert data.source_of("xnli", "de", "validation")["source"] == "mirror"
+    assert locate.locate("xnli", "de", "validation").kind == "mirror"  # mirror first
+    assert locate.locate("multinli", "en", "train").kind == "hub-local"  # the mirror has only the slice
+    assert "fi" in locate.languages("wikiann") and len(locate.languages("wikiann")) == len(hub.WIKIANN_LANGS)
+    assert locate.available_splits("tydiqa_goldp", "fi") == ["train", "validation"]  # fi train: the hub has it
+    assert loading.source_of("xnli", "de", "validation")["source"] == "mirror"
 
 
 def test_hub_missing_everywhere_error_names_places_and_fetch_command(tmp_path, monkeypatch):
     monkeypatch.setenv("OFA_DATA_DIR", str(tmp_path / "nowhere"))
     monkeypatch.delenv("OFA_HUB_ROOT", raising=False)
-    for call in (lambda: data.load_split("xnli", "de", "test"), lambda: data.languages("sib200"),
-                 lambda: data.require([("wikiann", "de", "train"), ("masakhaner", "hau", "test")])):
-        with pytest.raises(data.DataUnavailableError) as err:
+    for call in (lambda: loading.load_split("xnli", "de", "test"), lambda: locate.languages("sib200"),
+                 lambda: locate.require([("wikiann", "de", "train"), ("masakhaner", "hau", "test")])):
+        with pytest.raises(catalog.DataUnavailableError) as err:
             call()
         msg = str(err.value)
         assert "ofa-data fetch" in msg and "OFA_DATA_DIR" in msg and "offline" in msg and "OFA_HUB_ROOT" in msg
@@ -150,8 +149,8 @@ def test_hub_paper_preset_uses_the_papers_data_and_refuses_the_slice(monkeypatch
     with pytest.raises(config.ConfigError, match="train_dataset='mnli15k'.*15k slice"):
         config.make_config("nli", "paper", train_dataset="mnli15k")
     monkeypatch.delenv("OFA_HUB_ROOT", raising=False)  # offline, only the mirror: the paper's data is missing
-    with pytest.raises(data.DataUnavailableError, match="holds only the 15,001-pair MultiNLI slice.*ofa-data fetch"):
-        data.require([(cfg.train_dataset, "en", "train")] + cfg.test_sets())
+    with pytest.raises(catalog.DataUnavailableError, match="holds only the 15,001-pair MultiNLI slice.*ofa-data fetch"):
+        locate.require([(cfg.train_dataset, "en", "train")] + cfg.test_sets())
 
 
 def test_hub_grid_plan_without_data_fails_in_seconds_naming_the_fetch(tmp_path):
@@ -192,8 +191,8 @@ def test_hub_fetch_check_round_trip(hub_only, tmp_path, capsys, monkeypatch):
     # the loaders read the fetched mirror exactly like the real one
     monkeypatch.setenv("OFA_DATA_DIR", str(out))
     for key in full:
-        got = data.load_split(*key)
-        assert data.locate(*key).kind == "mirror"
+        got = loading.load_split(*key)
+        assert locate.locate(*key).kind == "mirror"
         ref = _mirror(*key, len(got))
         assert {c: got[c] for c in ref.column_names} == {c: ref[c] for c in ref.column_names}
     # idempotent: a second fetch writes nothing
@@ -227,18 +226,18 @@ def test_hub_list_says_where_each_dataset_is_read_from(hub_only, capsys):
 
 def test_hub_sources_are_recorded_in_one_line(hub_only):
     mirror = {"nli/xnli/test/de.tsv": {"source": "mirror", "root": "/m", "files": [{"path": "x"}]}}
-    local = data.source_of("sib200", "eng_Latn", "train")
+    local = loading.source_of("sib200", "eng_Latn", "train")
     assert local["repo"] == "Davlan/sib200" and local["revision"] == hub.PARQUET_BRANCH
-    line = data.describe_sources({**mirror, "sib200/eng_Latn/train": local})
+    line = loading.describe_sources({**mirror, "sib200/eng_Latn/train": local})
     assert line == "mirror /m (1 files); hub Davlan/sib200@refs/convert/parquet (local clone)"
     beside = {"x": {"source": "mirror", "root": str(REPO_ROOT.parent / "shared" / "data"), "files": [{"path": "x"}]}}
-    assert data.describe_sources(beside) == "mirror ../shared/data (1 files)"  # the same on every clone
+    assert loading.describe_sources(beside) == "mirror ../shared/data (1 files)"  # the same on every clone
 
 
 def test_hub_registry_covers_every_dataset():
-    assert set(hub.SOURCES) == set(data.DATASETS)
+    assert set(hub.SOURCES) == set(catalog.DATASETS)
     for name, src in hub.SOURCES.items():
-        assert set(src.splits) <= set(data.DATASETS[name].splits), name
+        assert set(src.splits) <= set(catalog.DATASETS[name].splits), name
         assert src.licence and "/" in src.repo, name
     assert len(hub.SOURCES["indicxnli"].configs) == 11 and len(hub.SOURCES["masakhaner2"].configs) == 20
     assert set(hub.PAPER_LANGS["wikiann"]) <= set(hub.WIKIANN_LANGS) and len(hub.PAPER_LANGS["wikiann"]) == 26
@@ -252,8 +251,8 @@ def test_hub_that_does_not_answer_is_reported_before_any_run(tmp_path, monkeypat
     monkeypatch.delenv("OFA_HUB_ROOT", raising=False)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # a closed local port: refused at once, no network
     monkeypatch.setattr("huggingface_hub.constants.ENDPOINT", "http://127.0.0.1:9")
-    data._probe_hub.cache_clear()
-    assert data.locate("xnli", "de", "test").kind == "hub"  # locating is cheap and does not ask the hub
-    with pytest.raises(data.DataUnavailableError, match=r"facebook/xnli: did not answer: .*ofa-data fetch xnli"):
-        data.require([("xnli", "de", "test")])
-    data._probe_hub.cache_clear()
+    locate._probe_hub.cache_clear()
+    assert locate.locate("xnli", "de", "test").kind == "hub"  # locating is cheap and does not ask the hub
+    with pytest.raises(catalog.DataUnavailableError, match=r"facebook/xnli: did not answer: .*ofa-data fetch xnli"):
+        locate.require([("xnli", "de", "test")])
+    locate._probe_hub.cache_clear()

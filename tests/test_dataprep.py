@@ -7,8 +7,9 @@ import re
 import pandas as pd
 import pytest
 
-from ofa_lib import data, models
+from ofa_lib import models
 from ofa_lib.analysis import dataprep
+from ofa_lib.data import locate
 from ofa_lib.paths import REPO_ROOT
 from ofa_lib.train.config import ConfigError
 
@@ -29,7 +30,7 @@ def test_defaults_follow_task_data():
     sib = dataprep.make_prep_config("sib")
     assert sib.datasets == ["sib200"] and len(sib.languages["sib200"]) == 12
     assert "eng_Latn" in sib.languages["sib200"]
-    assert len(dataprep.make_prep_config("sib", languages="all").languages["sib200"]) == len(data.languages("sib200"))
+    assert len(dataprep.make_prep_config("sib", languages="all").languages["sib200"]) == len(locate.languages("sib200"))
 
     qa = dataprep.make_prep_config("qa")
     assert qa.max_length == 384 and qa.datasets == ["tydiqa_goldp", "xquad"]

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from ofa_lib.data import NER_LABELS, load_split
 from ofa_lib.data import features as F
+from ofa_lib.data.catalog import NER_LABELS
+from ofa_lib.data.loading import load_split
 
 # "John lives in New York ." with the tiny tokenizer:
 TOKENS = ["<s>", "▁J", "o", "h", "n", "▁l", "i", "v", "e", "s", "▁in",

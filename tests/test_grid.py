@@ -447,6 +447,28 @@ def test_a_pipeline_notebook_past_its_run_timeout_is_killed_and_named(tmp_path):
     assert (out.parent / "03_average.failed.ipynb").is_file() and not list(out.parent.glob(".*"))
 
 
+def test_kernels_started_together_in_one_folder_talk_over_private_ipc_sockets(tmp_path):
+    """A SLURM job array starts several kernels at once in notebooks/: each gets its own IPC socket folder (no
+    TCP port on a shared node, no ipykernel warning about one, no two kernels on one socket), removed after."""
+    code = ("import sys; from pathlib import Path; from ofa_lib.grid import execute\n"
+            "try:\n"
+            "    execute.execute_notebook('03_average.ipynb', Path(sys.argv[1]) / '03_average.ipynb',\n"
+            "                             {'task': 'sib', 'runs_root': sys.argv[1] + '/none'})\n"
+            "except Exception as exc:\n"
+            "    print('ERROR', type(exc).__name__, exc)\n")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / str(i))], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        # both kernels ran the first cells and failed on the missing runs, not on their sockets
+        assert "ERROR PapermillExecutionError" in out and "runs_root" in out, out + err
+        assert "without encryption" not in err and "Invalid Signature" not in err
+    with grid_execute.kernel_config() as config:
+        folder = Path(config.KernelManager.ip).parent
+        assert config.KernelManager.transport == "ipc" and folder.is_dir() and folder.stat().st_mode & 0o077 == 0
+    assert not folder.exists()
+
+
 def test_sweep_lists_the_best_english_dev_of_each_finished_run(tmp_path, tmp_outputs, capsys):
     """`grid sweep`: a learning-rate sweep's table, English dev only, best first; unfinished runs left out."""
     from ofa_lib.train import runs as runs_lib

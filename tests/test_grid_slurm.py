@@ -150,6 +150,7 @@ def test_scontrol_requeue_of_a_running_task_resumes_from_its_state(slurm, tmp_ou
     import pandas as pd
 
     from ofa_lib.models import ckpt_io
+    from ofa_lib.train import runs as runs_lib
     from ofa_lib.train import training
 
     grid = _grid_file(tmp_path, head_tuning=None, grid={"lr": [1.0e-4], "batch_size": [8], "seed": [1]},
@@ -160,7 +161,7 @@ def test_scontrol_requeue_of_a_running_task_resumes_from_its_state(slurm, tmp_ou
     task = record["runs"][run.run_id]
     deadline = time.time() + 240
     while time.time() < deadline:  # training has started once a snapshot's resume state or a device is recorded
-        manifest = training.read_manifest(run.dir) or {}
+        manifest = runs_lib.read_manifest(run.dir, missing_ok=True) or {}
         if manifest.get("device") and manifest.get("status") == "running":
             break
         time.sleep(0.5)

@@ -2,9 +2,9 @@
 
 import pytest
 
-from ofa_lib import data, models, results, tasks
+from ofa_lib import models, results, tasks
 from ofa_lib.analysis import report
-from ofa_lib.data import features, hub
+from ofa_lib.data import catalog, features, hub
 from ofa_lib.train import config, metrics
 
 
@@ -15,14 +15,14 @@ def test_every_dataset_a_task_names_exists_for_that_task(name):
     if task.paper_data:
         named |= {task.paper_data["train"], task.paper_data["source_dev"], *task.paper_data["targets"]}
     for dataset in named:
-        assert data.task_of(dataset) == name, (name, dataset)
+        assert catalog.task_of(dataset) == name, (name, dataset)
     assert set(task.fetch) <= set(hub.SOURCES), "ofa-data fetch needs a hub source for each"
 
 
 @pytest.mark.parametrize("name", tasks.NAMES)
 def test_every_stage_knows_every_task(name):
     task = tasks.get(name)
-    assert name in config.TASKS and name in data.TASKS and name in features.FEATURE_TASKS
+    assert name in config.TASKS and name in catalog.TASKS and name in features.FEATURE_TASKS
     assert models.AUTO_CLASSES[name].__name__ == task.head
     assert metrics.task_metrics(name) == list(task.metrics) and metrics.PRIMARY_METRIC[name] == task.primary_metric
     assert report.TASK_LABEL[name] == task.label and name in results.TASK_METRIC

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from ofa_lib import io
 from ofa_lib.merge import averaging, pool
 from ofa_lib.models import ckpt_io
-from ofa_lib.train import config, training
+from ofa_lib.train import config, hardware, optim, setup, stopping, training
 from ofa_lib.train.config import ConfigError
 
 
@@ -118,7 +118,7 @@ def test_snapshot_schedule_and_decay_groups():
     assert training.snapshot_steps(100, 10) == list(range(10, 101, 10))
     assert training.snapshot_steps(7, 3) == [2, 5, 7]
     model = torch.nn.ModuleDict({"dense": torch.nn.Linear(2, 2), "LayerNorm": torch.nn.LayerNorm(2)})
-    decay, no_decay = training.decay_groups(model, 0.01)
+    decay, no_decay = optim.decay_groups(model, 0.01)
     assert [p.shape for p in decay["params"]] == [torch.Size([2, 2])]
     assert len(no_decay["params"]) == 3 and no_decay["weight_decay"] == 0.0
 
@@ -226,7 +226,7 @@ def test_interrupted_run_resumes_to_identical_metrics(finished, tmp_path):
 
 def test_the_english_dev_set_can_have_its_own_subsample():
     """SRC-DEV selects on English dev: a grid can score it on more sentences than each of many target dev sets."""
-    prep = training.prepare(smoke(source_dev_subsample=12, dev_subsample=4))
+    prep = setup.prepare(smoke(source_dev_subsample=12, dev_subsample=4))
     assert [len(s) for s in prep.dev_sets] == [12, 4, 4] and prep.dev_sets[0].lang == "en"
 
 
@@ -250,7 +250,6 @@ def test_a_signal_writes_one_resume_file_between_snapshots_and_the_rerun_resumes
     file, marked interrupted, not failed; the re-run resumes there and ends bit for bit as the uninterrupted
     run: every metric and every tensor of every checkpoint (file bytes are not compared: safetensors writes its
     metadata in a per-process order). Both runs use this process's thread count (exact only at equal counts)."""
-    from ofa_lib.train import optim
 
     cfg, out, _ = finished
     real, calls = optim.train_step, []
@@ -261,9 +260,9 @@ def test_a_signal_writes_one_resume_file_between_snapshots_and_the_rerun_resumes
             os.kill(os.getpid(), sig)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(training.optim, "train_step", signalling)
+    monkeypatch.setattr(optim, "train_step", signalling)
     name = signal.Signals(sig).name
-    with pytest.raises(training.RunInterrupted, match=f"after step {at_step} of 6 by {name}; resume state written"):
+    with pytest.raises(stopping.RunInterrupted, match=f"after step {at_step} of 6 by {name}; resume state written"):
         training.run_training(cfg, tmp_path, progress=False)
     monkeypatch.undo()
     partial = tmp_path / cfg.run_id
@@ -437,36 +436,36 @@ def _fake_cuda(monkeypatch, cc, name="Tesla V100-SXM2-32GB"):
 def test_auto_precision_follows_the_cuda_compute_capability(monkeypatch):
     cuda = torch.device("cuda")
     _fake_cuda(monkeypatch, (7, 0))
-    assert training.resolve_precision("auto", cuda)[0] == "fp16"           # V100: fp16 with a GradScaler
-    assert training.resolve_precision("auto", cuda, "sam")[0] == "fp32"    # the scaler does not cover SAM
-    assert training.resolve_precision("fp16", cuda)[0] == "fp16"
-    with pytest.raises(training.DeviceError, match=r"precision='bf16'.*V100.*compute capability 7\.0"):
-        training.resolve_precision("bf16", cuda)
-    with pytest.raises(training.DeviceError, match="GradScaler.*sam"):
-        training.resolve_precision("fp16", cuda, "sam")
+    assert hardware.resolve_precision("auto", cuda)[0] == "fp16"           # V100: fp16 with a GradScaler
+    assert hardware.resolve_precision("auto", cuda, "sam")[0] == "fp32"    # the scaler does not cover SAM
+    assert hardware.resolve_precision("fp16", cuda)[0] == "fp16"
+    with pytest.raises(hardware.DeviceError, match=r"precision='bf16'.*V100.*compute capability 7\.0"):
+        hardware.resolve_precision("bf16", cuda)
+    with pytest.raises(hardware.DeviceError, match="GradScaler.*sam"):
+        hardware.resolve_precision("fp16", cuda, "sam")
     _fake_cuda(monkeypatch, (8, 0), "NVIDIA A100-SXM4-80GB")
-    assert training.resolve_precision("auto", cuda) == ("bf16", "auto: NVIDIA A100-SXM4-80GB (compute capability 8.0) has native bf16")
-    assert training.resolve_precision("fp32", cuda)[0] == "fp32"
+    assert hardware.resolve_precision("auto", cuda) == ("bf16", "auto: NVIDIA A100-SXM4-80GB (compute capability 8.0) has native bf16")
+    assert hardware.resolve_precision("fp32", cuda)[0] == "fp32"
 
 
 @pytest.mark.parametrize("native", [False, True])
 def test_auto_precision_on_a_cpu_is_bf16_only_where_it_is_native(monkeypatch, native):
-    support = dict(training.cpu_precision_support(), avx512_bf16=native, amx_tile=False, amx_fp16=False)
-    monkeypatch.setattr(training, "cpu_precision_support", lambda: support)
+    support = dict(hardware.cpu_precision_support(), avx512_bf16=native, amx_tile=False, amx_fp16=False)
+    monkeypatch.setattr(hardware, "cpu_precision_support", lambda: support)
     cpu = torch.device("cpu")
-    assert training.resolve_precision("auto", cpu)[0] == ("bf16" if native else "fp32")
+    assert hardware.resolve_precision("auto", cpu)[0] == ("bf16" if native else "fp32")
     if native:
-        assert training.resolve_precision("bf16", cpu)[0] == "bf16"
+        assert hardware.resolve_precision("bf16", cpu)[0] == "bf16"
     else:  # refused, not emulated
-        with pytest.raises(training.DeviceError, match="precision='bf16'.*no native bf16"):
-            training.resolve_precision("bf16", cpu)
-    with pytest.raises(training.DeviceError, match="precision='fp16'.*no native fp16"):
-        training.resolve_precision("fp16", cpu)
+        with pytest.raises(hardware.DeviceError, match="precision='bf16'.*no native bf16"):
+            hardware.resolve_precision("bf16", cpu)
+    with pytest.raises(hardware.DeviceError, match="precision='fp16'.*no native fp16"):
+        hardware.resolve_precision("fp16", cpu)
 
 
 def test_this_cpus_auto_precision_is_what_it_reports():
-    support = training.cpu_precision_support()
-    picked, why = training.resolve_precision("auto", torch.device("cpu"))
+    support = hardware.cpu_precision_support()
+    picked, why = hardware.resolve_precision("auto", torch.device("cpu"))
     assert picked == ("bf16" if support["avx512_bf16"] or support["amx_tile"] else "fp32"), (support, why)
 
 
@@ -481,27 +480,27 @@ def test_explicit_precisions_keep_their_run_ids_and_auto_is_the_default():
 def test_no_silent_cpu_fallback(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     for device, preset in (("cuda", "smoke"), (None, "paper"), ("auto", "paper")):
-        with pytest.raises(training.DeviceError, match=rf"needs CUDA.*node {re.escape(os.uname().nodename)}.*torch 2\.13"):
-            training.resolve_device(device, preset)
-    assert training.resolve_device(None, "smoke") == torch.device("cpu")
-    assert training.resolve_device("cpu", "paper") == torch.device("cpu")  # on purpose
-    with pytest.raises(training.DeviceError, match="device='tpu'"):
-        training.resolve_device("tpu")
+        with pytest.raises(hardware.DeviceError, match=rf"needs CUDA.*node {re.escape(os.uname().nodename)}.*torch 2\.13"):
+            hardware.resolve_device(device, preset)
+    assert hardware.resolve_device(None, "smoke") == torch.device("cpu")
+    assert hardware.resolve_device("cpu", "paper") == torch.device("cpu")  # on purpose
+    with pytest.raises(hardware.DeviceError, match="device='tpu'"):
+        hardware.resolve_device("tpu")
 
 
 def test_cuda_arch_support_of_a_torch_build():
     built = ["sm_80", "sm_86", "sm_90", "sm_100", "sm_120", "compute_120"]
-    assert not training.cuda_arch_supported((7, 0), built)      # V100 on a wheel without sm_70
-    assert training.cuda_arch_supported((8, 9), built)          # L4/4090: sm_86 binaries run on 8.9
-    assert training.cuda_arch_supported((7, 0), ["sm_50", "sm_60", "sm_70", "sm_75"])
-    assert training.cuda_arch_supported((9, 0), ["sm_80", "compute_80"])  # PTX JIT
+    assert not hardware.cuda_arch_supported((7, 0), built)      # V100 on a wheel without sm_70
+    assert hardware.cuda_arch_supported((8, 9), built)          # L4/4090: sm_86 binaries run on 8.9
+    assert hardware.cuda_arch_supported((7, 0), ["sm_50", "sm_60", "sm_70", "sm_75"])
+    assert hardware.cuda_arch_supported((9, 0), ["sm_80", "compute_80"])  # PTX JIT
 
 
 def test_a_run_records_the_precision_it_used(finished):
     _, out, _ = finished
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["params"]["precision"] == "auto"
-    assert manifest["precision"] == training.resolve_precision("auto", torch.device("cpu"))[0]
+    assert manifest["precision"] == hardware.resolve_precision("auto", torch.device("cpu"))[0]
     assert manifest["precision_reason"].startswith("auto: CPU")
 
 

@@ -14,7 +14,7 @@ from transformers import BertConfig, BertForSequenceClassification
 
 from ofa_lib.analysis import unfreezing_report
 from ofa_lib.models import adapters, ckpt_io
-from ofa_lib.train import config, training, unfreezing
+from ofa_lib.train import config, optim, setup, training, unfreezing
 from ofa_lib.train.config import ConfigError
 
 TINY = dict(vocab_size=40, hidden_size=16, num_hidden_layers=3, num_attention_heads=2, intermediate_size=32,
@@ -44,7 +44,7 @@ def train_tiny(schedule: str, k: int, steps: int, with_adapters: bool = False, f
     cfg = SimpleNamespace(unfreeze=schedule, unfreeze_every=k, fisher_every=fisher_every, fisher_batches=2,
                           fisher_labels="sample", seed=1, batch_size=4)
     data = rows()
-    opt = torch.optim.AdamW(training.decay_groups(model, 0.01), lr=1e-2, fused=True)
+    opt = torch.optim.AdamW(optim.decay_groups(model, 0.01), lr=1e-2, fused=True)
     unf = unfreezing.Unfreezer.create(cfg, model, data, 1, torch.device("cpu"), None)
     state: dict = {}
     unf.start(state)
@@ -180,7 +180,7 @@ def test_real_run_with_adapters_records_schedule_and_fisher_and_resumes_identica
     assert set(fisher.block) == set(unf["blocks"]) | {"head"} and (fisher.trace > 0).all()
     assert unf["blocks"] == [f"adapter.{i}" for i in range(12)]
     # the base model and the never-unfrozen adapters are exactly as they started; the top adapter trained
-    prep = training.prepare(cfg)
+    prep = setup.prepare(cfg)
     start = prep.model.state_dict()
     last = ckpt_io.load_checkpoint(full / "checkpoints" / "last.safetensors", dtype=torch.float32)
     assert set(last) == set(start)  # adapter checkpoints load into prepare()'s model (crossrun averages them)

@@ -15,7 +15,7 @@ target datasets of :data:`ofa_lib.train.config.TASK_DATA`) this module computes
   :func:`ofa_lib.models.trim_vocabulary` and the checkpoint size that implies.
 
 Lengths, examples and vocabulary use a seeded subsample of ``subsample`` examples per split
-(the same rows :func:`ofa_lib.data.load_split` gives for that seed); counts never do.
+(the same rows :func:`ofa_lib.data.loading.load_split` gives for that seed); counts never do.
 Every table is written as CSV and Parquet, every figure as PNG and SVG, atomically, into
 ``outputs/data/<task>/`` unless ``output_dir`` says otherwise.
 """
@@ -41,9 +41,9 @@ import datasets
 import numpy as np
 import pandas as pd
 
-from ofa_lib import data, models
+from ofa_lib import models
 from ofa_lib.analysis.report import write_csv
-from ofa_lib.data import features
+from ofa_lib.data import catalog, features, loading, locate
 from ofa_lib.io import write_json, write_parquet
 from ofa_lib.paths import outputs_dir
 from ofa_lib.train import config, evaluation
@@ -52,7 +52,7 @@ from ofa_lib.train.config import ConfigError
 TASKS = config.TASKS
 # SIB-200 has 205 languages: by default show English, the cpu preset's targets and Amharic.
 SIB_DEFAULT_LANGS = ["eng_Latn", *config.SIB_CPU_TARGETS, "amh_Ethi"]
-SPLIT_ORDER = {s: i for i, s in enumerate(data.SPLITS)}
+SPLIT_ORDER = {s: i for i, s in enumerate(catalog.SPLITS)}
 MB = 1_000_000  # checkpoint sizes are reported in MB = 10^6 bytes
 
 Key = tuple[str, str, str]  # (dataset, lang, split)
@@ -107,7 +107,7 @@ def default_datasets(task: str) -> list[str]:
 
 def default_languages(dataset: str) -> list[str]:
     """Every language of ``dataset``, except SIB-200: :data:`SIB_DEFAULT_LANGS`."""
-    available = data.languages(dataset)
+    available = locate.languages(dataset)
     if dataset == "sib200":
         return [lang for lang in SIB_DEFAULT_LANGS if lang in available]
     return available
@@ -121,7 +121,7 @@ def _resolve_datasets(task: str, value: Any) -> list[str]:
            "datasets", value, "None, a dataset name or a non-empty list of them")
     for name in names:
         try:
-            kind = data.task_of(name)
+            kind = catalog.task_of(name)
         except ValueError as exc:  # the data module names the dataset and lists the known ones
             raise ConfigError(f"parameter datasets={value!r} is invalid: {exc}") from exc
         _check(kind == task, "datasets", value, f"{task} datasets only ({name!r} is a {kind} dataset)")
@@ -132,7 +132,7 @@ def _resolve_languages(value: Any, names: list[str]) -> dict[str, list[str]]:
     if value is None:
         return {d: default_languages(d) for d in names}
     if value == "all":
-        return {d: data.languages(d) for d in names}
+        return {d: locate.languages(d) for d in names}
     if isinstance(value, dict):
         unknown = sorted(set(value) - set(names))
         _check(not unknown, "languages", value, f"keys among datasets={names} (not {unknown})")
@@ -147,7 +147,7 @@ def _resolve_languages(value: Any, names: list[str]) -> dict[str, list[str]]:
                    "a non-empty list of languages")
             for lang in langs:
                 try:
-                    data.available_splits(d, lang)
+                    locate.available_splits(d, lang)
                 except ValueError as exc:  # names lang and dataset, lists the available ones
                     raise ConfigError(f"parameter languages[{d!r}]={langs!r} is invalid: {exc}") from exc
             out[d] = list(dict.fromkeys(langs))
@@ -155,7 +155,7 @@ def _resolve_languages(value: Any, names: list[str]) -> dict[str, list[str]]:
     langs = [value] if isinstance(value, str) else value
     _check(isinstance(langs, (list, tuple)) and len(langs) > 0 and all(isinstance(x, str) for x in langs),
            "languages", value, "None, 'all', a list of languages or a mapping dataset -> languages")
-    available = {d: data.languages(d) for d in names}
+    available = {d: locate.languages(d) for d in names}
     for lang in langs:
         if not any(lang in a for a in available.values()):
             listing = "; ".join(f"{d}: {', '.join(a)}" for d, a in available.items())
@@ -206,7 +206,7 @@ def make_prep_config(
            examples_per_language, "a non-negative integer")
     _check(_is_int(seed) and seed >= 0, "seed", seed, "a non-negative integer")
     out = Path(output_dir) if output_dir is not None else outputs_dir() / "data" / task
-    splits = {(d, lang): data.available_splits(d, lang) for d in names for lang in langs[d]}
+    splits = {(d, lang): locate.available_splits(d, lang) for d in names for lang in langs[d]}
     return PrepConfig(task, names, langs, model_name, int(max_length), int(doc_stride),
                       None if subsample is None else int(subsample), int(examples_per_language),
                       int(seed), out, splits)
@@ -231,12 +231,12 @@ def config_table(cfg: PrepConfig) -> pd.DataFrame:
 def load_samples(cfg: PrepConfig) -> dict[Key, datasets.Dataset]:
     """The seeded subsample (``cfg.subsample`` rows; None: all) of every unit."""
     datasets.disable_progress_bars()
-    return {key: data.load_split(*key, subsample=cfg.subsample, seed=cfg.seed) for key in cfg.units()}
+    return {key: loading.load_split(*key, subsample=cfg.subsample, seed=cfg.seed) for key in cfg.units()}
 
 
 def count_table(cfg: PrepConfig) -> pd.DataFrame:
     """Examples per (dataset, lang, split) in the full splits, whatever ``subsample`` is."""
-    rows = [{"dataset": d, "lang": lang, "split": s, "examples": len(data.load_split(d, lang, s))}
+    rows = [{"dataset": d, "lang": lang, "split": s, "examples": len(loading.load_split(d, lang, s))}
             for d, lang, s in cfg.units()]
     return pd.DataFrame(rows, columns=["dataset", "lang", "split", "examples"])
 
@@ -305,7 +305,7 @@ def examples_table(cfg: PrepConfig, samples: dict[Key, datasets.Dataset], width:
             ds = samples[(d, lang, split)]
             picks = sorted({int(i) for i in np.linspace(0, len(ds) - 1, min(n, len(ds)))}) if n and len(ds) else []
             for i, row in enumerate(ds.select(picks).to_list()):
-                text, target = describe(data.task_of(d), row, ds.features, width)
+                text, target = describe(catalog.task_of(d), row, ds.features, width)
                 rows.append({"dataset": d, "lang": lang, "split": split, "#": i + 1, "input": text, "target": target})
     return pd.DataFrame(rows, columns=["dataset", "lang", "split", "#", "input", "target"])
 
@@ -356,7 +356,7 @@ def token_lengths(cfg: PrepConfig, samples: dict[Key, datasets.Dataset], tokeniz
     ``windows``). ``truncated``: longer than ``max_length`` (QA: needs more than one window)."""
     frames = []
     for (d, lang, split), ds in samples.items():
-        task = data.task_of(d)
+        task = catalog.task_of(d)
         frame = pd.DataFrame({"dataset": d, "lang": lang, "split": split, "tokens": _lengths(task, ds, tokenizer)})
         if task == "qa":
             frame["windows"] = qa_windows(ds, tokenizer, cfg.max_length, cfg.doc_stride)
@@ -409,9 +409,9 @@ def _head_labels(cfg: PrepConfig) -> list[str] | None:
     if cfg.task == "qa":
         return None
     if cfg.task == "ner":
-        return data.ner_labels()
+        return catalog.ner_labels()
     train = config.TASK_DATA[cfg.task]["train"]
-    return data.label_names(train if train in cfg.datasets else cfg.datasets[0])
+    return catalog.label_names(train if train in cfg.datasets else cfg.datasets[0])
 
 
 def pieces_per_language(
@@ -423,7 +423,7 @@ def pieces_per_language(
     a model trimmed to these texts keeps."""
     used: dict[tuple[str, str], set[int]] = {}
     for (d, lang, _split), ds in samples.items():
-        ids = models.used_token_ids(tokenizer, evaluation.texts_of(data.task_of(d), ds))
+        ids = models.used_token_ids(tokenizer, evaluation.texts_of(catalog.task_of(d), ds))
         used.setdefault((d, lang), set()).update(ids)
     by_lang: dict[str, set[int]] = {}
     for (_d, lang), ids in used.items():

@@ -2,7 +2,7 @@
 the runs' own early, unconverged snapshots?
 
 Measures on finished runs, every score by the runs' own evaluation code (:func:`ofa_lib.train.evaluation.score`
-on the sets :func:`ofa_lib.train.training.prepare` builds, in the precision the runs were scored in):
+on the sets :func:`ofa_lib.train.setup.prepare` builds, in the precision the runs were scored in):
 
 * :func:`interpolation_curve` -- English dev and mean target test along θ(t) = (1 − t)·A + t·B;
 * :func:`distances` -- each stored model's L2 distance from the start weights θ₀ (the prepared, untrained
@@ -37,7 +37,7 @@ from ofa_lib.analysis import plots
 from ofa_lib.io import write_parquet, write_text
 from ofa_lib.merge import averaging
 from ofa_lib.models import ckpt_io
-from ofa_lib.train import evaluation, runs, training
+from ofa_lib.train import evaluation, hardware, runs, setup, training
 from ofa_lib.train.metrics import PRIMARY_METRIC
 
 StateDict = dict[str, torch.Tensor]
@@ -191,18 +191,18 @@ class Scorer:
     def from_run(cls, run: runs.Run, device: str | None = None) -> "Scorer":
         """Prepare the model and sets of ``run``'s config; refuses when θ₀'s head is not the run's."""
         cfg = run.config
-        prep = training.prepare(cfg)
+        prep = setup.prepare(cfg)
         if prep.head_fingerprint != run.manifest.get("head_fingerprint"):
             raise ckpt_io.CheckpointMismatchError(
                 f"run {cfg.run_id}: θ₀ rebuilt from its config has head fingerprint {prep.head_fingerprint}, "
                 f"the run recorded {run.manifest.get('head_fingerprint')}")
-        dev, _, _ = training.resolve_runtime(cfg, device)
+        dev, _, _ = hardware.resolve_runtime(cfg, device)
         # score in the precision the runs were scored in, so that the r = 1 check can be exact
         precision = run.manifest.get("precision", "fp32")
         theta0 = {k: v.detach().clone().float() if v.is_floating_point() else v.detach().clone()
                   for k, v in prep.model.state_dict().items()}
         return cls(cfg, prep.model.to(dev).eval(), theta0, prep.dev_sets[0], list(prep.test_sets), dev,
-                   training.AUTOCAST.get(precision), prep.head_fingerprint)
+                   hardware.AUTOCAST.get(precision), prep.head_fingerprint)
 
     def check_run(self, run: runs.Run) -> None:
         """Refuse a run whose θ₀ (model, vocabulary, head) is not this scorer's."""

@@ -28,7 +28,8 @@ from ofa_lib.io import write_parquet
 from ofa_lib.merge import averaging, pool
 from ofa_lib.models import ckpt_io
 from ofa_lib.results import selection
-from ofa_lib.train import measures, training
+from ofa_lib.train import hardware, measures, setup, training
+from ofa_lib.train import runs as runs_lib
 from ofa_lib.train.config import TrainConfig
 
 # config fields that say how a run was optimised or measured: runs may differ in them and still be compared
@@ -54,7 +55,7 @@ def find_runs(runs_root: str | Path | None, task: str) -> pd.DataFrame:
     if runs.empty:
         raise FileNotFoundError(f"no finished runs of task {task!r} under {training.runs_root(runs_root)}")
     ignore = set(pool.FREE_PARAMS)
-    params = {r: {k: v for k, v in json.loads((Path(p) / "manifest.json").read_text())["params"].items() if k not in ignore}
+    params = {r: {k: v for k, v in runs_lib.read_manifest(p)["params"].items() if k not in ignore}
               for r, p in zip(runs["run_id"], runs["path"])}
     first = next(iter(params.values()))
     for run_id, p in params.items():
@@ -66,12 +67,8 @@ def find_runs(runs_root: str | Path | None, task: str) -> pd.DataFrame:
         if key.nunique() > 1:
             raise pool.IncompatibleRunsError(f"runs have different {what}: {dict(zip(runs['run_id'], key))}")
     runs = runs.copy()
-    runs["optimizer"] = [_config(p).optimizer for p in runs["path"]]
+    runs["optimizer"] = [runs_lib.run_config(p).optimizer for p in runs["path"]]
     return runs
-
-
-def _config(path: str | Path) -> TrainConfig:
-    return TrainConfig(**json.loads((Path(path) / "manifest.json").read_text())["params"])
 
 
 def recorded_measures(runs: pd.DataFrame) -> pd.DataFrame:
@@ -82,18 +79,18 @@ def recorded_measures(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 class Skeleton:
-    """One model (built once with :func:`ofa_lib.train.training.prepare` of a run's config) and its
+    """One model (built once with :func:`ofa_lib.train.setup.prepare` of a run's config) and its
     measure batches; checkpoints are loaded into it in turn."""
 
     def __init__(self, cfg: TrainConfig, n_examples: int, device: str | None = None):
         self.cfg, self.n_examples = cfg, n_examples
-        self.device = training.resolve_device(device, cfg.preset)
+        self.device = hardware.resolve_device(device, cfg.preset)
         self._prep = None
 
     @property
-    def prep(self) -> training.Prepared:
+    def prep(self) -> setup.Prepared:
         if self._prep is None:
-            self._prep = training.prepare(self.cfg)
+            self._prep = setup.prepare(self.cfg)
             self._prep.model.to(self.device)
             self.data = measures.MeasureData.from_prepared(self._prep, self.cfg.model_name, n_examples=self.n_examples)
         return self._prep
@@ -117,7 +114,7 @@ def measure_table(runs: pd.DataFrame, names: Sequence[str], *, variants: Sequenc
     every run: ``n_examples`` per set, default the runs' ``measure_examples``). Computed rows are
     cached in ``cache_path`` (keyed by the settings), so a re-run computes nothing new.
     Columns: :data:`ofa_lib.train.measures.MEASURE_COLUMNS` + ``source`` (recorded | computed)."""
-    first = _config(runs["path"].iloc[0])
+    first = runs_lib.run_config(runs["path"].iloc[0])
     measures.check_supported(first.task, names)
     n_examples = n_examples or first.measure_examples
     settings = json.dumps({"n_examples": n_examples, "options": options or {}}, sort_keys=True)
@@ -174,7 +171,7 @@ def snapshot_frame(measure_rows: pd.DataFrame, metrics: pd.DataFrame, runs: pd.D
         return pd.DataFrame()
     wide = m.pivot_table(index=["run_id", "name"], columns="measure", values="value", aggfunc="first").reset_index()
     wide.columns.name = None
-    task = _config(runs["path"].iloc[0]).task
+    task = runs_lib.run_config(runs["path"].iloc[0]).task
     metric = R.TASK_METRIC.get(task)
     d = metrics[(metrics["kind"] == "snapshot") & (metrics["split"] == "validation") & (metrics["metric"] == metric)]
     src = d[d["lang"] == R.SOURCE_LANG].groupby(["run_id", "name"])["value"].mean().rename("dev_src")

@@ -14,7 +14,7 @@ import pandas as pd
 from ofa_lib import results
 from ofa_lib.merge import crossrun, pool
 from ofa_lib.results import selection
-from ofa_lib.train.config import TrainConfig
+from ofa_lib.train import runs as runs_lib
 from ofa_lib.train.metrics import PRIMARY_METRIC
 
 
@@ -44,13 +44,10 @@ def setting_of(params: dict[str, Any]) -> str:
 def find_schedule_runs(runs_root: str | Path | None, task: str) -> pd.DataFrame:
     """Finished runs of ``task`` (:func:`ofa_lib.merge.pool.find_runs`, unchecked: settings differ) with
     ``setting``, ``schedule``, ``every`` and ``adapters`` columns."""
-    import json
-
-
     runs = pool.find_runs(runs_root, task, check=False)
     if runs.empty:
         raise FileNotFoundError(f"no finished {task} runs under {runs_root}")
-    params = [json.loads((Path(p) / "manifest.json").read_text())["params"] for p in runs["path"]]
+    params = [runs_lib.read_manifest(p)["params"] for p in runs["path"]]
     return runs.assign(setting=[setting_of(p) for p in params], schedule=[p.get("unfreeze", "none") for p in params],
                        every=[p.get("unfreeze_every") for p in params], adapters=[p.get("adapters", 0) for p in params])
 
@@ -65,11 +62,9 @@ def load_fisher(runs: pd.DataFrame) -> pd.DataFrame:
 
 def load_events(runs: pd.DataFrame) -> pd.DataFrame:
     """The unfreezing events every scheduled run applied (:func:`schedule_table` + run and setting)."""
-    import json
-
     frames = []
     for r in runs.itertuples():
-        unf = json.loads((Path(r.path) / "manifest.json").read_text()).get("unfreezing")
+        unf = runs_lib.read_manifest(r.path).get("unfreezing")
         if unf and unf["events"]:
             frames.append(schedule_table(unf["events"], unf["blocks"]).assign(run_id=r.run_id, setting=r.setting,
                                                                               n_blocks=len(unf["blocks"])))
@@ -87,9 +82,7 @@ def transfer_table(runs: pd.DataFrame, variant: str = "last") -> tuple[pd.DataFr
 
     per_run = []
     for r in runs.itertuples():
-        import json
-
-        cfg = TrainConfig(**json.loads((Path(r.path) / "manifest.json").read_text())["params"])
+        cfg = runs_lib.run_config(r.path)
         m = pd.read_parquet(Path(r.path) / "metrics.parquet")
         m = m[(m.kind == "variant") & (m.name == variant) & (m.metric == PRIMARY_METRIC[cfg.task])]
         src = cfg.dev_sets()[0]

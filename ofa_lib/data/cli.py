@@ -20,8 +20,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from ofa_lib import data
-from ofa_lib.data import hub
+from ofa_lib.data import catalog, hub, loading, locate, readers
 from ofa_lib.io import file_sha256, write_json, write_text
 
 MANIFEST = "ofa-data.json"
@@ -51,13 +50,13 @@ def _known_sizes() -> dict[tuple[str, str, str], int]:
     for lang in hub.XNLI_LANGS:
         sizes |= {("xnli", lang, "validation"): 2_490, ("xnli", lang, "test"): 5_010}
     for lang in ("de", "en", "es", "nl", "pl", "ru"):
-        sizes |= {("wikiann", lang, s): n for s, n in zip(data.SPLITS, (20_000, 10_000, 10_000))}
+        sizes |= {("wikiann", lang, s): n for s, n in zip(catalog.SPLITS, (20_000, 10_000, 10_000))}
     for name, table in (("masakhaner", _MASAKHANER), ("masakhaner2", _MASAKHANER2)):
-        sizes |= {(name, lang, s): n for lang, counts in table.items() for s, n in zip(data.SPLITS, counts)}
+        sizes |= {(name, lang, s): n for lang, counts in table.items() for s, n in zip(catalog.SPLITS, counts)}
     sizes |= {("tydiqa_goldp", lang, s): n for s, table in _TYDIQA.items() for lang, n in table.items()}
     sizes |= {("xquad", lang, "test"): 1_190 for lang in hub.XQUAD_LANGS}
-    sizes |= {("sib200", lang, s): n for lang in hub.SIB200_LANGS for s, n in zip(data.SPLITS, (701, 99, 204))}
-    sizes |= {("umsab", lang, s): n for lang in hub.UMSAB_LANGS for s, n in zip(data.SPLITS, (1_839, 324, 870))}
+    sizes |= {("sib200", lang, s): n for lang in hub.SIB200_LANGS for s, n in zip(catalog.SPLITS, (701, 99, 204))}
+    sizes |= {("umsab", lang, s): n for lang in hub.UMSAB_LANGS for s, n in zip(catalog.SPLITS, (1_839, 324, 870))}
     return sizes
 
 
@@ -77,7 +76,7 @@ def render(dataset: str, split: str, ds: Any) -> tuple[dict[str, str], int]:
     """The mirror file(s) of one split as ``{file name relative to the dataset's split files: text}``, and the
     number of fields whose tabs or line breaks were replaced by spaces."""
     fixed = [0]
-    task = data.DATASETS[dataset].task
+    task = catalog.DATASETS[dataset].task
     if dataset == "mnli15k":
         words = ["entailment", "neutral", "contradictory"]
         lines = ["premise\thypo\tlabel"] + [f"{_clean(p, fixed)}\t{_clean(h, fixed)}\t{words[y]}"
@@ -109,7 +108,7 @@ def render(dataset: str, split: str, ds: Any) -> tuple[dict[str, str], int]:
                 {"text": t, "answer_start": s} for t, s in zip(ans["text"], ans["answer_start"])]})
         return {"0": json.dumps({"data": articles}, ensure_ascii=False) + "\n"}, 0
     if task == "sib":
-        lines = ["index_id\tcategory\ttext"] + [f"{i}\t{data.SIB_TOPICS[y]}\t{_clean(t, fixed)}"
+        lines = ["index_id\tcategory\ttext"] + [f"{i}\t{catalog.SIB_TOPICS[y]}\t{_clean(t, fixed)}"
                                                 for i, (t, y) in enumerate(zip(ds["text"], ds["label"]))]
         return {"0": "\n".join(lines) + "\n"}, fixed[0]
     texts = "\n".join(_clean(t, fixed) for t in ds["text"]) + "\n"
@@ -123,16 +122,16 @@ def _units(names: list[str], langs: list[str] | None) -> list[tuple[str, str, st
     for name in names:
         if name in hub.TASK_DATASETS:
             datasets_ += list(hub.TASK_DATASETS[name])
-        elif name in data.DATASETS:
+        elif name in catalog.DATASETS:
             datasets_.append(name)
         else:
             raise SystemExit(f"error: {name!r} is neither a task ({', '.join(hub.TASK_DATASETS)}) "
-                             f"nor a dataset ({', '.join(data.DATASETS)})")
+                             f"nor a dataset ({', '.join(catalog.DATASETS)})")
     units = []
     for dataset in dict.fromkeys(datasets_):
         src = hub.SOURCES[dataset]
         chosen = [lang for lang in src.configs if not langs or lang in langs]
-        units += [(dataset, lang, split) for lang in chosen for split in data.DATASETS[dataset].splits
+        units += [(dataset, lang, split) for lang in chosen for split in catalog.DATASETS[dataset].splits
                   if split in src.splits]
     if not units:
         raise SystemExit(f"error: no language of {', '.join(names)} is among --langs {','.join(langs or [])}")
@@ -152,7 +151,7 @@ def fetch(names: list[str], to: str | Path, langs: list[str] | None = None, *, f
     manifest = _read_manifest(root)
     rows = []
     for dataset, lang, split in tqdm(_units(names, langs), desc="ofa-data fetch", unit="split", disable=not progress):
-        paths = data.mirror_files(dataset, root, lang, split)
+        paths = locate.mirror_files(dataset, root, lang, split)
         rels = [str(p.relative_to(root)) for p in paths]
         recorded = [manifest["files"].get(r) for r in rels]
         if not force and all(rec and p.is_file() and file_sha256(p) == rec["sha256"]
@@ -161,13 +160,13 @@ def fetch(names: list[str], to: str | Path, langs: list[str] | None = None, *, f
                          "state": "present", "file": rels[0]})
             continue
         try:
-            ds = data.load_split(dataset, lang, split, source="hub", map_date_to_o=False)
-        except data.DataError as exc:
+            ds = loading.load_split(dataset, lang, split, source="hub", map_date_to_o=False)
+        except catalog.DataError as exc:
             rows.append({"dataset": dataset, "lang": lang, "split": split, "examples": 0, "state": "failed",
                          "file": rels[0], "error": str(exc)[:300]})
             continue
         texts, fixed = render(dataset, split, ds)
-        source = data.source_of(dataset, lang, split, source="hub", map_date_to_o=False)
+        source = loading.source_of(dataset, lang, split, source="hub", map_date_to_o=False)
         for path, rel, text in zip(paths, rels, texts.values()):
             write_text(path, text)  # atomic per file: a kill leaves the old file or none
             manifest["files"][rel] = {"dataset": dataset, "lang": lang, "split": split, "examples": len(ds),
@@ -175,7 +174,7 @@ def fetch(names: list[str], to: str | Path, langs: list[str] | None = None, *, f
                                       "fields_with_whitespace_replaced": fixed, "source": source,
                                       "fetched": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         if dataset == "sib200":
-            write_text(paths[0].parent / "labels.txt", "\n".join(data.SIB_TOPICS) + "\n")
+            write_text(paths[0].parent / "labels.txt", "\n".join(catalog.SIB_TOPICS) + "\n")
         write_json(root / MANIFEST, manifest)  # after every split: what is recorded is on disk
         rows.append({"dataset": dataset, "lang": lang, "split": split, "examples": len(ds), "state": "fetched",
                      "file": rels[0]})
@@ -192,11 +191,11 @@ def check(root: str | Path) -> list[dict[str, Any]]:
         raise SystemExit(f"error: {root} is not a folder")
     manifest = _read_manifest(root)
     rows = []
-    for dataset, info in data.DATASETS.items():
-        data._discover_languages.cache_clear()
-        for lang in data._discover_languages(dataset, str(root)):
+    for dataset, info in catalog.DATASETS.items():
+        locate.discover_languages.cache_clear()
+        for lang in locate.discover_languages(dataset, str(root)):
             for split in info.splits:
-                paths = data.mirror_files(dataset, root, lang, split)
+                paths = locate.mirror_files(dataset, root, lang, split)
                 if not all(p.is_file() for p in paths):
                     continue
                 row: dict[str, Any] = {"dataset": dataset, "lang": lang, "split": split,
@@ -206,9 +205,9 @@ def check(root: str | Path) -> list[dict[str, Any]]:
                             if str(p.relative_to(root)) in manifest["files"]
                             and manifest["files"][str(p.relative_to(root))]["sha256"] != file_sha256(p)]
                 try:
-                    columns, _ = data._PARSERS[dataset](paths, {"map_date_to_o": True})
+                    columns, _ = readers.PARSERS[dataset](paths, {"map_date_to_o": True})
                     row["examples"] = len(next(iter(columns.values())))
-                except data.DataError as exc:
+                except catalog.DataError as exc:
                     row.update(examples=None, state="error", error=str(exc))
                     rows.append(row)
                     continue
@@ -227,11 +226,11 @@ def check(root: str | Path) -> list[dict[str, Any]]:
 def list_rows() -> list[dict[str, Any]]:
     """One row per dataset: task, languages (mirror / hub), hub repository, where it is read from now."""
     rows = []
-    root = data.mirror_root()
-    for name, info in data.DATASETS.items():
+    root = locate.mirror_root()
+    for name, info in catalog.DATASETS.items():
         src = hub.SOURCES[name]
-        mirror = data._discover_languages(name, str(root)) if root.is_dir() else ()
-        usable = data._hub_usable(name)
+        mirror = locate.discover_languages(name, str(root)) if root.is_dir() else ()
+        usable = locate.hub_usable(name)
         now = ("mirror" if mirror else "") + ("+" if mirror and usable else "") + \
               (("local clone" if usable != src.repo else "hub") if usable else "")
         rows.append({"dataset": name, "task": info.task, "mirror_langs": len(mirror),
@@ -265,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "list":
         _print_table(list_rows(), ["dataset", "task", "mirror_langs", "hub_langs", "read_from", "hub", "licence"])
-        print(f"mirror: {data.mirror_root()}; hub: {'offline' if hub.hub_offline() else 'online'}; "
+        print(f"mirror: {locate.mirror_root()}; hub: {'offline' if hub.hub_offline() else 'online'}; "
               f"OFA_HUB_ROOT: {__import__('os').environ.get('OFA_HUB_ROOT') or '-'}")
         return 0
     if args.command == "fetch":

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from ofa_lib import tasks as tasks_lib
+from ofa_lib.data.catalog import ner_labels
 from ofa_lib.paths import cache_dir
 
 FEATURES_VERSION = "1"
@@ -221,9 +222,7 @@ def _ner_label_names(dataset: datasets.Dataset) -> list[str]:
     inner = getattr(feature, "feature", None)
     if isinstance(inner, datasets.ClassLabel):
         return list(inner.names)
-    from ofa_lib.data import ner_labels  # ids agree with and without DATE
-
-    return ner_labels(with_date=True)
+    return ner_labels(with_date=True)  # ids agree with and without DATE
 
 
 def featurize(

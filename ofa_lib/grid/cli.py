@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ofa_lib import data
+from ofa_lib.data import catalog, locate
 from ofa_lib.io import write_json
 
 if TYPE_CHECKING:  # pandas is imported where tables are built: `grid status` starts fast without it
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return _command(args)
-    except (GridError, data.DataError) as exc:
+    except (GridError, catalog.DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
@@ -162,7 +162,7 @@ def _command(args: argparse.Namespace) -> int:
     grid = load_grid(args.grid)
     # before anything is planned or trained: every data set must be readable now (mirror or hub), else one
     # error names what is missing and the `ofa-data fetch` command (file checks only: seconds)
-    data.require(data_sets(grid))
+    locate.require(data_sets(grid))
     if args.command in ("plan", "status"):
         import pandas as pd
 

@@ -117,11 +117,10 @@ def split_stats(task: str, dataset: str, lang: str, split: str, max_length: int,
     """(number of features, a sample of their token lengths) of one split as a run featurizes it."""
     import datasets
 
-    from ofa_lib import data
-    from ofa_lib.data import features
+    from ofa_lib.data import features, loading
 
     datasets.disable_progress_bars()
-    ds = data.load_split(dataset, lang, split, subsample=subsample, seed=0)
+    ds = loading.load_split(dataset, lang, split, subsample=subsample, seed=0)
     n = len(ds)
     sample = ds.select(range(min(SAMPLE, n)))
     tokenizer = _tokenizer()

@@ -2,22 +2,21 @@
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
 import platform
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Iterator
 
-from ofa_lib import data, locks
-from ofa_lib.io import write_json
-
-if TYPE_CHECKING:  # pandas is imported where tables are built: `grid status` starts fast without it
-    pass
+from ofa_lib import locks
+from ofa_lib.data import loading
 from ofa_lib.grid.spec import (
     NOTEBOOK_ONLY,
     NOTEBOOKS,
@@ -34,6 +33,7 @@ from ofa_lib.grid.state import (
     set_aside_stale_runs,
     skipped_path,
 )
+from ofa_lib.io import write_json
 
 
 # --------------------------------------------------------------------------- watching executions
@@ -155,6 +155,31 @@ def clean_temp_notebooks(out: Path) -> list[Path]:
     return litter
 
 
+@contextlib.contextmanager
+def kernel_config() -> Iterator[Any]:
+    """The kernel's transport: IPC sockets in a folder private to this kernel (mode 0700, removed afterwards),
+    not TCP ports on localhost that any user of a shared login or compute node can reach (ipykernel warns
+    about those once per notebook on the runner's terminal). The folder is unique per kernel because
+    jupyter_client's default IPC name, ``kernel-ipc-<n>`` in the working directory, collides between kernels
+    started in the same folder (a SLURM job array: "Invalid Signature", a kernel that does not answer)."""
+    from traitlets.config import Config
+
+    config = Config()
+    if os.name != "posix":
+        yield config
+        return
+    base = tempfile.gettempdir()
+    if len(base) > 60:  # a socket path is limited to ~107 bytes; cluster TMPDIRs can be long
+        base = "/tmp"
+    folder = tempfile.mkdtemp(prefix="ofa-kernel-", dir=base)
+    config.KernelManager.transport = "ipc"
+    config.KernelManager.ip = os.path.join(folder, "kernel")
+    try:
+        yield config
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def execute_notebook(notebook: str | Path, out: Path, parameters: dict[str, Any], *, cwd: Path = NOTEBOOKS,
                      stall_timeout: float | None = None, run_timeout: float | None = None) -> Path:
     """Run a notebook with papermill into ``out``: written to a temp name, renamed when it succeeded.
@@ -167,10 +192,10 @@ def execute_notebook(notebook: str | Path, out: Path, parameters: dict[str, Any]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_notebook(out)
     watchdog = Watchdog(out.with_name(f".{out.stem}.{os.getpid()}.progress.json"), tmp, stall_timeout, run_timeout)
-    with watchdog:
+    with watchdog, kernel_config() as config:
         try:
             papermill.execute_notebook(str(NOTEBOOKS / notebook), str(tmp), parameters=parameters, kernel_name="python3",
-                                       cwd=str(cwd), progress_bar=False)
+                                       cwd=str(cwd), progress_bar=False, config=config)
         except BaseException as exc:
             if tmp.exists():
                 os.replace(tmp, out.with_name(f"{out.stem}.failed.ipynb"))
@@ -281,13 +306,16 @@ def pipeline_context(grid: Grid) -> dict[str, Any]:
 
 def data_line(grid: Grid) -> str:
     """Where the runs' data came from, from their manifests (reports print it under the description)."""
+    from ofa_lib.train import (
+        runs as runs_lib,  # torch and pandas: only when a report is built
+    )
+
     summaries: dict[str, int] = {}
     for run in grid.runs:
-        file = run.dir / "manifest.json"
-        manifest = json.loads(file.read_text()) if file.is_file() else {}
+        manifest = runs_lib.read_manifest(run.dir, missing_ok=True) or {}
         # from the recorded sources, so that the line reads as describe_sources writes it now (runs trained
         # before it showed a mirror beside the repository relative to it recorded the absolute path)
-        line = data.describe_sources(manifest["data"]) if manifest.get("data") else manifest.get("data_summary")
+        line = loading.describe_sources(manifest["data"]) if manifest.get("data") else manifest.get("data_summary")
         if line:
             summaries[line] = summaries.get(line, 0) + 1
     if not summaries:

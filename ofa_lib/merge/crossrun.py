@@ -13,7 +13,7 @@ separate steps, one module each:
   already holds, under this name or under another with the same content;
 - **execution** (:func:`ofa_lib.merge.execution.execute_pass`): the rest is computed (incremental methods streamed with
   one checkpoint read per r; the others in row blocks of all r inputs; greedy soups by English-dev
-  trials), loaded into ONE model skeleton (built once with :func:`ofa_lib.train.training.prepare` of
+  trials), loaded into ONE model skeleton (built once with :func:`ofa_lib.train.setup.prepare` of
   the first run's config, whose featurized dev/test sets are reused) and scored on the source dev
   and target test sets.
 

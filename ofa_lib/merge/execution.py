@@ -32,12 +32,20 @@ from ofa_lib.merge.pool import (
     base_identity,
     collect_run_metrics,
     groups,
-    manifest,
     store_rows,
 )
 from ofa_lib.models import ckpt_io
-from ofa_lib.train import evaluation, fisher, measures, metrics, training
+from ofa_lib.train import (
+    evaluation,
+    fisher,
+    hardware,
+    measures,
+    metrics,
+    setup,
+    training,
+)
 from ofa_lib.train.config import TrainConfig
+from ofa_lib.train.runs import read_manifest
 
 
 def execute_pass(plan: CrossRunPlan, store: Store, *, keep_checkpoints: bool = False, device: str | None = None,
@@ -61,12 +69,12 @@ def execute_pass(plan: CrossRunPlan, store: Store, *, keep_checkpoints: bool = F
     def model_and_sets():
         if not skeleton:
             t0 = time.perf_counter()
-            prep = training.prepare(cfg)
+            prep = setup.prepare(cfg)
             if needs_base:  # θ₀ is the skeleton before any merge is loaded into it
-                _write_base(prep, base_file, {manifest(p).get("head_fingerprint") for p in plan.paths.values()})
-            dev, precision, _ = training.resolve_runtime(cfg, device)  # the runs' precision rule, on this machine
+                _write_base(prep, base_file, {read_manifest(p).get("head_fingerprint") for p in plan.paths.values()})
+            dev, precision, _ = hardware.resolve_runtime(cfg, device)  # the runs' precision rule, on this machine
             skeleton.update(model=prep.model.to(dev).eval(), sets=prep.dev_sets[:1] + prep.test_sets, device=dev,
-                            autocast=training.AUTOCAST.get(precision))
+                            autocast=hardware.AUTOCAST.get(precision))
             if needs_fisher:  # its English training features serve the diagonals
                 skeleton["prep"] = prep
             del prep
@@ -76,8 +84,8 @@ def execute_pass(plan: CrossRunPlan, store: Store, *, keep_checkpoints: bool = F
     def base() -> Path:
         model_and_sets()
         if not base_file.is_file():  # the skeleton was built by an earlier pass step: build θ₀ afresh
-            _write_base(training.prepare(cfg), base_file,
-                        {manifest(p).get("head_fingerprint") for p in plan.paths.values()})
+            _write_base(setup.prepare(cfg), base_file,
+                        {read_manifest(p).get("head_fingerprint") for p in plan.paths.values()})
         return base_file
 
     def fishers(spec: merging.MergeSpec, paths: list[Path]) -> list[Path]:
@@ -179,7 +187,7 @@ def execute_pass(plan: CrossRunPlan, store: Store, *, keep_checkpoints: bool = F
     return stats
 
 
-def fisher_diagonal_of(checkpoint: str | Path, spec: merging.MergeSpec, cache_dir: str | Path, prep: "training.Prepared",
+def fisher_diagonal_of(checkpoint: str | Path, spec: merging.MergeSpec, cache_dir: str | Path, prep: "setup.Prepared",
                        *, model: torch.nn.Module | None = None, device: Any = None, autocast_dtype: Any = None,
                        progress: bool = True, batches: dict | None = None) -> tuple[Path, bool]:
     """The stored diagonal Fisher of ``checkpoint`` for ``spec``'s options (``fisher`` merges): read
@@ -216,7 +224,7 @@ def run_fisher_diagonal(run_dir: str | Path, variant: str = "ca", methods: Any =
         raise merging.MergeSpecError(f"run_fisher_diagonal: methods={methods!r} has no fisher entry")
     if variant not in AVERAGE_VARIANTS + ("trg_dev",):
         raise ValueError(f"run_fisher_diagonal: unknown variant {variant!r}; expected one of {AVERAGE_VARIANTS}")
-    m = manifest(run_dir)
+    m = read_manifest(run_dir)
     ckpt_io.verify_recorded(run_dir, m.get("checkpoint_sha256") or {}, m["run_id"])
     cfg = TrainConfig(**m["params"])
     cache_dir = Path(cache_dir) if cache_dir else run_dir.parent.parent / "averages" / cfg.task / "fisher"
@@ -225,20 +233,20 @@ def run_fisher_diagonal(run_dir: str | Path, variant: str = "ca", methods: Any =
     path = fisher.diagonal_file(cache_dir, sha, fisher.diagonal_options(spec.opts))
     if path.is_file() and fisher.diagonal_mismatch(path, sha, fisher.diagonal_options(spec.opts)) is None:
         return path  # nothing to prepare
-    prep = training.prepare(cfg)
-    dev, precision, _ = training.resolve_runtime(cfg, device)
+    prep = setup.prepare(cfg)
+    dev, precision, _ = hardware.resolve_runtime(cfg, device)
     path, _ = fisher_diagonal_of(checkpoint, spec, cache_dir, prep, model=prep.model.to(dev), device=dev,
-                                 autocast_dtype=training.AUTOCAST.get(precision))
+                                 autocast_dtype=hardware.AUTOCAST.get(precision))
     return path
 
 
 def base_file_of_run(run_dir: str | Path, averages_dir: str | Path | None = None) -> Path:
     """θ₀ of one finished run (``ofa-merge --base-from-run``): the pretrained encoder with the run's
-    vocabulary and frozen, aligned head, built from the run's config (:func:`ofa_lib.train.training.prepare`)
+    vocabulary and frozen, aligned head, built from the run's config (:func:`ofa_lib.train.setup.prepare`)
     and written once in fp32 where the cross-run pass keeps it
     (``<averages_dir or runs_root/../averages/<task>>/base-<digest>.safetensors``, the same file)."""
     run_dir = Path(run_dir)
-    m = manifest(run_dir)
+    m = read_manifest(run_dir)
     ckpt_io.verify_recorded(run_dir, m.get("checkpoint_sha256") or {}, m["run_id"])
     runs = pd.DataFrame([{"run_id": m["run_id"], "path": str(run_dir), "head_fingerprint": m.get("head_fingerprint")}])
     base_id = next(iter(groups(base_identity(runs))))  # as plan_pass names it
@@ -246,11 +254,11 @@ def base_file_of_run(run_dir: str | Path, averages_dir: str | Path | None = None
     avg_dir = Path(averages_dir) if averages_dir else run_dir.parent.parent / "averages" / cfg.task
     path = avg_dir / f"base-{key_digest([base_id])}.safetensors"
     if not path.is_file():
-        _write_base(training.prepare(cfg), path, {m.get("head_fingerprint")})
+        _write_base(setup.prepare(cfg), path, {m.get("head_fingerprint")})
     return path
 
 
-def _write_base(prep: "training.Prepared", path: Path, fps: set) -> None:
+def _write_base(prep: "setup.Prepared", path: Path, fps: set) -> None:
     """Write θ₀ (the prepared, not yet trained model: pretrained encoder, trimmed vocabulary, the
     run's head) in fp32, after checking its head is the runs' (same fingerprint, ``fps``)."""
     if path.is_file():

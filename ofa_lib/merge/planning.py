@@ -23,11 +23,11 @@ from ofa_lib.merge.pool import (
     check_compatible,
     groups,
     kept_snapshots,
-    run_config,
 )
 from ofa_lib.results import selection as S
 from ofa_lib.train import metrics
 from ofa_lib.train.config import TrainConfig
+from ofa_lib.train.runs import run_config
 
 AVERAGE_VARIANTS = ("last", "src_dev", "ca")
 

@@ -20,6 +20,7 @@ from ofa_lib.models import ckpt_io
 from ofa_lib.paths import outputs_dir
 from ofa_lib.train import metrics, training
 from ofa_lib.train.config import TrainConfig
+from ofa_lib.train.runs import read_manifest, run_config
 
 # config fields that may differ between runs that are combined (everything else must match)
 # how a run is optimised or measured, not its data, vocabulary or head: runs may differ in these and
@@ -46,10 +47,6 @@ class IncompatibleRunsError(ValueError):
 def default_results_path(task: str) -> Path:
     """``outputs/results/<task>.parquet``: where one task's tidy rows (runs and averages) go."""
     return outputs_dir() / "results" / f"{task}.parquet"
-
-
-def manifest(path: str | Path) -> dict[str, Any]:
-    return json.loads((Path(path) / "manifest.json").read_text())
 
 
 def find_runs(runs_root: str | Path | None = None, task: str | None = None, *, check: bool = True) -> pd.DataFrame:
@@ -102,7 +99,7 @@ def vocabulary_key(path: str | Path) -> str:
     are). Trimmed and trained: the size, plus the seed when the training subsample (part of the
     trimming corpus) depends on it.
     """
-    m = manifest(path)
+    m = read_manifest(path)
     p = m["params"]
     size = m.get("vocab_size")
     if not p.get("trim_vocab"):
@@ -126,7 +123,7 @@ def check_compatible(runs: pd.DataFrame) -> None:
     dup = runs["run_id"][runs["run_id"].duplicated()].tolist()
     if dup:
         raise ValueError(f"runs listed twice: {dup}")
-    params = {r: {k: v for k, v in manifest(p)["params"].items() if k not in FREE_PARAMS}
+    params = {r: {k: v for k, v in read_manifest(p)["params"].items() if k not in FREE_PARAMS}
               for r, p in zip(runs["run_id"], runs["path"])}
     keys = sorted({k for v in params.values() for k in v})
     diff = {k: g for k in keys if len(g := groups({r: v.get(k) for r, v in params.items()})) > 1}
@@ -145,10 +142,6 @@ def check_compatible(runs: pd.DataFrame) -> None:
         raise IncompatibleRunsError(
             "runs have different vocabularies (trimmed to seed-dependent training subsamples?); their weights cannot "
             f"be averaged: {listing}")
-
-
-def run_config(path: str | Path) -> TrainConfig:
-    return TrainConfig(**manifest(path)["params"])
 
 
 def store_rows(rows: pd.DataFrame, source_lang: str) -> pd.DataFrame:
@@ -180,7 +173,7 @@ class Snapshot:
 def kept_snapshots(path: str | Path, primary: str | None = None) -> list[Snapshot]:
     """A run's kept top-k snapshots (``checkpoints/topk_<rank>``) with their English dev score
     (the score taken when the snapshot was, as training ranked them)."""
-    m = manifest(path)
+    m = read_manifest(path)
     cfg = TrainConfig(**m["params"])
     primary = primary or metrics.PRIMARY_METRIC[cfg.task]
     snaps = m.get("topk_snapshots") or []
@@ -201,7 +194,7 @@ def base_identity(runs: pd.DataFrame) -> dict[str, str]:
     with the run's seed) are part of the weights. Runs with different identities have different θ₀."""
     out = {}
     for run_id, path, fp in zip(runs["run_id"], runs["path"], runs["head_fingerprint"]):
-        p = manifest(path)["params"]
+        p = read_manifest(path)["params"]
         ident = {"model": p.get("model_name"), "vocabulary": vocabulary_key(path), "head": fp}
         if p.get("adapters"):
             ident["adapter_seed"] = p.get("seed")

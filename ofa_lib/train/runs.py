@@ -50,13 +50,26 @@ class Run:
         }]).set_index("run_id")
 
 
+def read_manifest(path: str | Path, *, missing_ok: bool = False) -> dict[str, Any] | None:
+    """A run folder's ``manifest.json`` (the one place that parses it); ``None`` when it has none and
+    ``missing_ok``, else :class:`FileNotFoundError` naming the file."""
+    file = Path(path) / "manifest.json"
+    if not file.is_file():
+        if missing_ok:
+            return None
+        raise FileNotFoundError(f"{file} does not exist: not a run directory")
+    return json.loads(file.read_text())
+
+
+def run_config(path: str | Path) -> TrainConfig:
+    """The training configuration a run folder records in its manifest."""
+    return TrainConfig(**read_manifest(path)["params"])
+
+
 def load_run(path: str | Path) -> Run:
     """Read a run directory written by :func:`ofa_lib.train.training.run_training`."""
     path = Path(path)
-    manifest_file = path / "manifest.json"
-    if not manifest_file.is_file():
-        raise FileNotFoundError(f"{manifest_file} does not exist: not a run directory")
-    manifest = json.loads(manifest_file.read_text())
+    manifest = read_manifest(path)
     metrics = pd.read_parquet(path / "metrics.parquet") if (path / "metrics.parquet").is_file() else pd.DataFrame()
     log = pd.read_parquet(path / "train_log.parquet") if (path / "train_log.parquet").is_file() else pd.DataFrame()
     return Run(path, manifest, metrics, log)

@@ -25,27 +25,20 @@ replays the last steps bit for bit.
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
-import json
 import math
 import platform
-import signal
 import subprocess
-import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-import datasets
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from ofa_lib import data, io, locks, models
-from ofa_lib.data import features
+from ofa_lib import io, locks, models
+from ofa_lib.data import features, loading
 from ofa_lib.io import write_json, write_parquet
-from ofa_lib.models import adapters as adapters_lib
 from ofa_lib.models import ckpt_io
 from ofa_lib.models.running_mean import RunningMean
 from ofa_lib.paths import REPO_ROOT, outputs_dir
@@ -59,11 +52,14 @@ from ofa_lib.train.config import (
     check_model_available,
     validate,
 )
+from ofa_lib.train.hardware import AUTOCAST, resolve_runtime
+from ofa_lib.train.resume import clean_litter, load_resume, read_final, save_resume
+from ofa_lib.train.runs import read_manifest
+from ofa_lib.train.setup import prepare
+from ofa_lib.train.stopping import RunInterrupted, StopRequest, stop_signals
 
 VARIANTS = ("last", "src_dev", "ca", "trg_dev")
-RESUME_FILE = "state.safetensors"  # resume/<this>: the whole resume state, one file
 STORAGE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 # --------------------------------------------------------------------------- helpers
@@ -76,161 +72,14 @@ def run_dir(cfg: TrainConfig, output_root: str | Path | None = None) -> Path:
     return runs_root(output_root) / cfg.run_id
 
 
-def read_manifest(path: Path) -> dict[str, Any] | None:
-    file = path / "manifest.json"
-    return json.loads(file.read_text()) if file.is_file() else None
-
-
 def is_done(cfg: TrainConfig, output_root: str | Path | None = None) -> bool:
     """True when the run finished and its outputs are all there."""
     path = run_dir(cfg, output_root)
-    manifest = read_manifest(path)
+    manifest = read_manifest(path, missing_ok=True)
     if not manifest or manifest.get("status") != "done":
         return False
     needed = ["metrics.parquet"] + [f"checkpoints/{v}.safetensors" for v in manifest.get("variants", VARIANTS)]
     return all((path / name).is_file() for name in needed)
-
-
-class DeviceError(RuntimeError):
-    """The asked-for device or precision is not available here; the message names the node and torch build."""
-
-
-def torch_build() -> str:
-    """``torch 2.13.0+cpu (CUDA none)`` / ``torch 2.13.0+cu128 (CUDA 12.8, archs sm_80 …)``: what this torch can run on."""
-    cuda = torch.version.cuda
-    archs = ""
-    if cuda:
-        try:
-            archs = ", kernels for " + " ".join(torch.cuda.get_arch_list())
-        except Exception:  # noqa: BLE001 -- a broken driver must not hide the build in the message
-            archs = ""
-    return f"torch {torch.__version__} (CUDA {cuda or 'none'}{archs})"
-
-
-def resolve_device(device: str | None, preset: str = "cpu") -> torch.device:
-    """The device a run trains on, never a silent fallback.
-
-    ``None``/``"auto"`` is ``cuda`` for the ``paper`` preset (xlm-roberta-large on a CPU takes days: a GPU job
-    on a node without a working CUDA build must fail, not crawl) and otherwise ``cuda`` when available, else
-    ``cpu``. An explicit ``cuda`` (or ``cuda:N``) without a usable CUDA device raises :class:`DeviceError`
-    naming the node and the torch build; so does an unknown device string.
-    """
-    name = "cuda" if (device in (None, "auto") and preset == "paper") else device
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, TypeError) as exc:
-        raise DeviceError(f"parameter device={device!r} is invalid: expected 'auto', 'cpu', 'cuda' or 'cuda:N' ({exc})") from None
-    if dev.type == "cuda":
-        where = f"on node {platform.node()} with {torch_build()}"
-        if not torch.cuda.is_available():
-            why = ("this torch has no CUDA support: install a CUDA wheel (README: 'Torch on GPUs')" if not torch.version.cuda
-                   else "no CUDA device is visible (driver, CUDA_VISIBLE_DEVICES or the job's --gres)")
-            asked = f"device={device!r}" if device not in (None, "auto") else f"preset {preset!r} (device auto means cuda)"
-            raise DeviceError(f"{asked} needs CUDA, but torch.cuda.is_available() is False {where}: {why}; "
-                              "pass device='cpu' to train on the CPU on purpose")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise DeviceError(f"device={device!r}: only {torch.cuda.device_count()} CUDA device(s) {where}")
-        cc = torch.cuda.get_device_capability(dev)
-        if not cuda_arch_supported(cc, torch.cuda.get_arch_list()):
-            raise DeviceError(f"device={device!r}: {torch.cuda.get_device_name(dev)} is sm_{cc[0]}{cc[1]}, and {torch_build()} "
-                              f"has no kernels for it {where}; install a wheel built for it (README: 'Torch on GPUs')")
-    elif dev.type != "cpu":
-        raise DeviceError(f"parameter device={device!r} is invalid: expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
-    return dev
-
-
-def cuda_arch_supported(cc: tuple[int, int], arch_list: list[str]) -> bool:
-    """Whether a torch build with kernels for ``arch_list`` (``["sm_80", "sm_90", "compute_90"]``) runs on a GPU of
-    compute capability ``cc``: a binary for the same major and a minor ≤ the GPU's, or PTX (``compute_XY``) for an
-    older-or-equal architecture that the driver compiles. A GPU older than every build target is not supported."""
-    have = cc[0] * 10 + cc[1]
-    for arch in arch_list:
-        kind, _, num = arch.partition("_")
-        if not num.isdigit():
-            continue
-        n = int(num)
-        if kind == "sm" and n // 10 == cc[0] and n <= have:
-            return True
-        if kind == "compute" and n <= have:
-            return True
-    return False
-
-
-
-
-def cpu_precision_support() -> dict[str, Any]:
-    """What this CPU offers for reduced precision: torch's kernel capability, AVX512-BF16, AMX (bf16 tiles,
-    fp16 tiles), and whether oneDNN runs bf16 at all (it emulates it with AVX512 core)."""
-    def probe(name: str) -> bool:
-        fn = getattr(torch.cpu, name, None)
-        try:
-            return bool(fn()) if fn else False
-        except Exception:  # noqa: BLE001 -- a probe that cannot run means "not supported"
-            return False
-
-    try:
-        mkldnn_bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except Exception:  # noqa: BLE001
-        mkldnn_bf16 = False
-    return {"capability": torch.backends.cpu.get_cpu_capability(), "avx512_bf16": probe("_is_avx512_bf16_supported"),
-            "amx_tile": probe("_is_amx_tile_supported"), "amx_fp16": probe("_is_amx_fp16_supported"),
-            "mkldnn_bf16": mkldnn_bf16}
-
-
-def resolve_precision(requested: str, device: torch.device, optimizer: str = "adamw") -> tuple[str, str]:
-    """The precision a run uses on ``device`` → ``(precision, why)``.
-
-    ``auto``: bf16 on CUDA devices of compute capability ≥ 8.0 and on CPUs with native bf16 (AVX512-BF16 or
-    AMX); fp16 with a GradScaler on older CUDA devices (fp32 for SAM and the Fisher penalty, whose extra
-    gradients the scaler does not cover); else fp32. An explicit ``bf16``/``fp16`` the hardware does not run
-    natively raises :class:`DeviceError` (emulated half precision is slower than fp32, not faster).
-    """
-    from ofa_lib.train.config import PRECISIONS
-
-    if requested not in PRECISIONS:
-        raise DeviceError(f"parameter precision={requested!r} is invalid: expected one of {PRECISIONS}")
-    if device.type == "cuda":
-        cc = torch.cuda.get_device_capability(device)
-        gpu = f"{torch.cuda.get_device_name(device)} (compute capability {cc[0]}.{cc[1]})"
-        bf16 = cc >= (8, 0)
-        fp16 = True
-        hw = gpu
-    else:
-        support = cpu_precision_support()
-        bf16 = support["avx512_bf16"] or support["amx_tile"]
-        fp16 = support["amx_fp16"]
-        hw = (f"CPU {support['capability']}, AVX512-BF16 {'yes' if support['avx512_bf16'] else 'no'}, "
-              f"AMX {'yes' if support['amx_tile'] else 'no'}")
-    if requested == "auto":
-        if bf16:
-            return "bf16", f"auto: {hw} has native bf16"
-        if device.type == "cuda":
-            if optimizer != "adamw":
-                return "fp32", f"auto: {hw} has no bf16, and fp16's GradScaler does not cover optimizer={optimizer!r}"
-            return "fp16", f"auto: {hw} has no bf16: fp16 autocast with a GradScaler"
-        return "fp32", f"auto: {hw} has no native bf16"
-    if requested == "bf16" and not bf16:
-        raise DeviceError(f"precision='bf16' on {hw} on node {platform.node()}: no native bf16 here (it would be "
-                          "emulated, slower than fp32); use precision='auto' or 'fp32'" +
-                          ("" if device.type == "cpu" else " or 'fp16'"))
-    if requested == "fp16":
-        if not fp16:
-            raise DeviceError(f"precision='fp16' on {hw} on node {platform.node()}: no native fp16 here; "
-                              "use precision='auto' or 'fp32'")
-        if optimizer != "adamw":
-            raise DeviceError(f"precision='fp16' trains with a GradScaler, which covers optimizer='adamw' only, "
-                              f"not optimizer={optimizer!r}; use precision='bf16' (compute capability ≥ 8.0) or 'fp32'")
-    return requested, f"{requested} as asked, on {hw}"
-
-
-def resolve_runtime(cfg: TrainConfig, device: str | None = None) -> tuple[torch.device, str, str]:
-    """``(device, precision, why)`` for a run here: :func:`resolve_device` then :func:`resolve_precision`.
-    Called by 02_train's first cell, so a run that cannot get what it asks for fails before any work."""
-    dev = resolve_device(device, cfg.preset)
-    precision, why = resolve_precision(cfg.precision, dev, cfg.optimizer)
-    return dev, precision, why
 
 
 def environment_info() -> dict[str, Any]:
@@ -249,211 +98,11 @@ def environment_info() -> dict[str, Any]:
     return info
 
 
-def set_seed(seed: int) -> None:
-    import random
-
-    import numpy as np
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW parameter groups: no weight decay on biases and LayerNorm weights."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        (no_decay if name.endswith("bias") or "LayerNorm" in name or "layer_norm" in name else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
 def snapshot_steps(total_steps: int, num_snapshots: int) -> list[int]:
     """Steps after which snapshot k = 1..num_snapshots is taken (every 1/num_snapshots)."""
     if num_snapshots > total_steps:
         raise ValueError(f"num_snapshots={num_snapshots} exceeds the {total_steps} training steps")
     return [round(total_steps * k / num_snapshots) for k in range(1, num_snapshots + 1)]
-
-
-# --------------------------------------------------------------------------- head alignment
-def head_keys(model: torch.nn.Module, model_name: str) -> list[str]:
-    """Parameters the pretrained checkpoint does not hold: the task head (e.g. pooler + classifier)."""
-    pretrained = models.pretrained_keys(model_name)
-    prefix = getattr(model, "base_model_prefix", "") + "."
-
-    def stored(name: str) -> bool:  # checkpoints hold "bert.x" or "x" (base model saved alone)
-        return name in pretrained or (name.startswith(prefix) and name[len(prefix):] in pretrained) or prefix + name in pretrained
-
-    keys = sorted(k for k, _ in model.named_parameters() if not stored(k))
-    if len(keys) * 4 > len(list(model.parameters())):
-        raise RuntimeError(f"{len(keys)} parameters look new relative to {model_name}: the checkpoint's names do not match")
-    return keys
-
-
-def init_head(model: torch.nn.Module, keys: list[str], seed: int) -> None:
-    """Deterministic head initialisation shared by every run with the same seed."""
-    gen = torch.Generator().manual_seed(seed)
-    std = getattr(model.config, "initializer_range", 0.02)
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for key in keys:
-            param = params[key]
-            if key.endswith("bias"):
-                param.zero_()
-            else:
-                param.copy_(torch.randn(param.shape, generator=gen) * std)
-
-
-def load_head(model: torch.nn.Module, keys: list[str], path: str | Path) -> None:
-    """Load a trained head file; refuse one that does not fit this model (names the parameter)."""
-    state = ckpt_io.load_checkpoint(path)
-    params = dict(model.named_parameters())
-    missing, extra = sorted(set(keys) - set(state)), sorted(set(state) - set(keys))
-    if missing or extra:
-        raise ValueError(f"parameter head={str(path)!r} does not fit the model: missing {missing[:5]}, unexpected {extra[:5]}")
-    for key in keys:
-        if tuple(state[key].shape) != tuple(params[key].shape):
-            raise ValueError(f"parameter head={str(path)!r} does not fit the model: {key} has shape "
-                             f"{tuple(state[key].shape)}, the model expects {tuple(params[key].shape)}")
-    with torch.no_grad():
-        for key in keys:
-            params[key].copy_(state[key].to(params[key].dtype))
-
-
-def setup_head(model: torch.nn.Module, cfg: TrainConfig) -> tuple[list[str], str]:
-    """Apply ``cfg.head`` (``train`` | ``init:<seed>`` | path: frozen) → (head keys, fingerprint)."""
-    keys = head_keys(model, cfg.model_name)
-    if cfg.head_file:
-        load_head(model, keys, cfg.head_file)
-        for name, param in model.named_parameters():
-            if name in keys:
-                param.requires_grad_(False)
-    else:  # "init:<seed>" shares one initialisation across runs; "train" seeds it with the run
-        init_head(model, keys, int(cfg.head[5:]) if cfg.head.startswith("init:") else cfg.seed)
-    state = model.state_dict()
-    return keys, ckpt_io.head_fingerprint({k: state[k] for k in keys}, keys)
-
-
-# --------------------------------------------------------------------------- data
-@dataclass
-class Prepared:
-    """Everything a run needs before the first step."""
-
-    model: torch.nn.Module
-    tokenizer: Any
-    train: Any
-    dev_sets: list[evaluation.EvalSet]
-    test_sets: list[evaluation.EvalSet]
-    head_keys: list[str]
-    head_fingerprint: str
-    label_names: list[str] | None
-    timings: dict[str, float] = field(default_factory=dict)
-    data_sources: dict[str, dict[str, Any]] = field(default_factory=dict)  # "dataset/lang/split" -> data.source_of
-
-
-def prepare(cfg: TrainConfig) -> Prepared:
-    """Load data and model (trimmed to the run's corpus when asked), featurize, set up the head."""
-    t0 = time.perf_counter()
-    datasets.disable_progress_bars()
-    set_seed(cfg.seed)
-    load = dict(map_date_to_o=cfg.map_date_to_o)
-    sets = [(cfg.train_dataset, cfg.source_lang(), "train")] + cfg.dev_sets() + cfg.test_sets()
-    data.require(sets)  # every set readable (mirror or hub) before anything is loaded, else one error naming the fix
-    # the same training subsample for every run (data seed 0): runs differ by lr, batch and seed only,
-    # and share one trimmed vocabulary, so their weights can be averaged
-    train_raw = data.load_split(cfg.train_dataset, cfg.source_lang(), "train", subsample=cfg.train_subsample, seed=0, **load)
-    dev_raw = [(s, data.load_split(*s, subsample=cfg.dev_subsample_of(i), seed=0, **load)) for i, s in enumerate(cfg.dev_sets())]
-    test_raw = [(s, data.load_split(*s, subsample=cfg.test_subsample, seed=0, **load)) for s in cfg.test_sets()]
-    sources = {"/".join(key): data.source_of(*key, **load) for key in dict.fromkeys(sets)}
-    label_names = None if cfg.task == "qa" else data.label_names(cfg.train_dataset) if cfg.task != "ner" else data.ner_labels(not cfg.map_date_to_o)
-    trim = None
-    if cfg.trim_vocab:
-        trim = [t for _, ds in [(None, train_raw)] + dev_raw + test_raw for t in evaluation.texts_of(cfg.task, ds)]
-    t1 = time.perf_counter()
-    beat(what="loading the model")
-    model, tokenizer = models.load_pretrained(
-        cfg.model_name, cfg.task, label_names=label_names, freeze_embeddings=cfg.freeze_embeddings, trim_corpus=trim,
-        attn_implementation=optim.attn_implementation(cfg.optimizer))  # Fisher penalty: eager (double backward)
-    keys, fingerprint = setup_head(model, cfg)
-    if cfg.adapters:  # task adapters after the head is set up: they are no head keys; the base model freezes
-        adapters_lib.add_adapters(model, cfg.adapters)
-    t2 = time.perf_counter()
-    beat(what="featurizing")
-    feat = dict(max_length=cfg.max_length, doc_stride=cfg.doc_stride, label_all_subtokens=cfg.label_all_subtokens)
-    train = features.featurize(cfg.task, train_raw, tokenizer, train=True, **feat)
-    dev_sets = [evaluation.make_eval_set(cfg.task, s, ds, tokenizer, batch_size=cfg.eval_batch_size, **feat) for s, ds in dev_raw]
-    test_sets = [evaluation.make_eval_set(cfg.task, s, ds, tokenizer, batch_size=cfg.eval_batch_size, **feat) for s, ds in test_raw]
-    t3 = time.perf_counter()
-    return Prepared(model, tokenizer, train, dev_sets, test_sets, keys, fingerprint, label_names,
-                    {"load_data_s": t1 - t0, "load_model_s": t2 - t1, "featurize_s": t3 - t2}, sources)
-
-
-# --------------------------------------------------------------------------- resume state
-def save_resume(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, state: dict[str, Any], ca: RunningMean,
-                scaler: "torch.amp.GradScaler | None" = None) -> None:
-    """Model, optimizer moments, CA mean, RNG (CPU and CUDA) and the loop's state, in ONE safetensors file
-    (``state.safetensors``; the JSON-able part in its metadata) replaced atomically: a kill leaves the previous
-    state or the new one, never new weights paired with an old step."""
-    tensors: dict[str, torch.Tensor] = {f"model.{k}": v.detach().float() for k, v in model.state_dict().items()}
-    opt = optimizer.state_dict()
-    for pid, pstate in opt["state"].items():
-        for k, v in pstate.items():
-            tensors[f"optim.{pid}.{k}"] = v.detach().reshape(-1) if v.dim() == 0 else v.detach()
-    if ca.mean is not None:
-        tensors.update({f"ca.{k}": v for k, v in ca.mean.items()})
-    tensors["rng.torch"] = torch.get_rng_state()
-    if torch.cuda.is_available() and torch.cuda.is_initialized():  # dropout on the GPU draws from its generator
-        tensors.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    meta = {"param_groups": opt["param_groups"], "scheduler": scheduler.state_dict(), "ca_count": ca.count,
-            "state": state, "scaler": scaler.state_dict() if scaler is not None else None, "optim_shapes": {f"{pid}.{k}": list(v.shape) for pid, s in opt["state"].items() for k, v in s.items()}}
-    path.mkdir(parents=True, exist_ok=True)
-    ckpt_io.save_checkpoint(tensors, path / RESUME_FILE, metadata={"ofa_resume": json.dumps(meta)})
-    (path / "state.json").unlink(missing_ok=True)  # the two-file format of older versions: never pair with it
-
-
-def load_resume(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, ca: RunningMean,
-                scaler: "torch.amp.GradScaler | None" = None) -> dict[str, Any] | None:
-    """Restore what :func:`save_resume` wrote; ``None`` when there is nothing (complete) to resume."""
-    if not (path / RESUME_FILE).is_file():
-        return None
-    meta_text = ckpt_io.read_metadata(path / RESUME_FILE).get("ofa_resume")
-    if meta_text is None:  # written by an older version: its state.json beside it, or nothing complete
-        if not (path / "state.json").is_file():
-            return None
-        meta_text = (path / "state.json").read_text()
-    meta = json.loads(meta_text)
-    tensors = ckpt_io.load_checkpoint(path / RESUME_FILE)
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    opt_state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, shape in meta["optim_shapes"].items():
-        pid, name = key.split(".", 1)
-        opt_state.setdefault(int(pid), {})[name] = tensors[f"optim.{key}"].reshape(shape)
-    optimizer.load_state_dict({"state": opt_state, "param_groups": meta["param_groups"]})
-    scheduler.load_state_dict(meta["scheduler"])
-    if scaler is not None and meta.get("scaler"):
-        scaler.load_state_dict(meta["scaler"])
-    ca_state = {k[3:]: v for k, v in tensors.items() if k.startswith("ca.")}
-    if ca_state:
-        ca.mean, ca.count = ca_state, meta["ca_count"]
-    torch.set_rng_state(tensors["rng.torch"].to(torch.uint8))
-    cuda_states = [tensors[k].to(torch.uint8) for k in sorted((k for k in tensors if k.startswith("rng.cuda.")),
-                                                              key=lambda k: int(k.rsplit(".", 1)[1]))]
-    if cuda_states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda_states[:torch.cuda.device_count()])
-    return meta["state"]
-
-
-def clean_litter(out: Path, *, done: bool) -> list[Path]:
-    """Remove what a killed run left in its folder: the temp files of interrupted atomic writes and, in a
-    run that is done, the resume state (a kill between the manifest's ``done`` and its removal)."""
-    removed = [p for p in out.rglob(".*.tmp") if io.is_temp(p)] if out.is_dir() else []
-    for path in removed:
-        io.remove(path)
-    if done and (out / "resume").exists():
-        removed.append(out / "resume")
-        io.remove_tree(out / "resume")
-    return removed
 
 
 def checkpoint_hashes(state: dict[str, Any], variants: list[str], with_head: bool) -> dict[str, str]:
@@ -465,12 +114,6 @@ def checkpoint_hashes(state: dict[str, Any], variants: list[str], with_head: boo
     if with_head:
         out["head.safetensors"] = written.get("head.safetensors")
     return {k: v for k, v in out.items() if v}  # a resume state from before hashes: those files go unrecorded
-
-
-def read_final(out: Path) -> dict[str, Any] | None:
-    """The state of a run whose training finished (``resume/final.json``), ``None`` before that."""
-    file = out / "resume" / "final.json"
-    return json.loads(file.read_text()) if file.is_file() else None
 
 
 # --------------------------------------------------------------------------- the run
@@ -490,46 +133,6 @@ def dev_summary(cfg: TrainConfig, scores: dict[tuple[str, str, str], dict[str, f
     per_lang = {f"{d}/{lang}": v[primary] for (d, lang, s), v in scores.items() if (d, lang, s) != src}
     target_mean = sum(per_lang.values()) / len(per_lang)
     return scores[src][primary], target_mean, per_lang
-
-
-class RunInterrupted(Exception):
-    """A run stopped on SIGUSR1/SIGTERM (a scheduler's notice or the grid runner stopping): its resume state is
-    written; running it again resumes it. Not a failure."""
-
-
-@dataclass
-class StopRequest:
-    """Set by the signal handlers of :func:`stop_signals`; the training loop checks it after every step."""
-
-    signal: int | None = None
-
-    @property
-    def name(self) -> str:
-        return signal.Signals(self.signal).name if self.signal else ""
-
-
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
-
-
-@contextlib.contextmanager
-def stop_signals() -> Iterator["StopRequest"]:
-    """While training: SIGUSR1 (SLURM's ``--signal`` notice) and SIGTERM (preemption, the grid runner) ask the run
-    to stop after its current step with its resume state written, instead of killing it mid-write. Only in the
-    main thread (where Python delivers signals); elsewhere nothing is installed."""
-    stop = StopRequest()
-    if threading.current_thread() is not threading.main_thread():
-        yield stop
-        return
-
-    def handler(signum, frame):  # noqa: ARG001
-        stop.signal = signum
-
-    previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
-    try:
-        yield stop
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
 
 
 def run_training(cfg: TrainConfig, output_root: str | Path | None = None, *, device: str | None = None,
@@ -563,7 +166,7 @@ def run_training(cfg: TrainConfig, output_root: str | Path | None = None, *, dev
 
 
 def _train(cfg: TrainConfig, out: Path, manifest: dict[str, Any], device_name: str | None, progress: bool,
-           stop_after_step: int | None, stop: "StopRequest | None" = None) -> Path:
+           stop_after_step: int | None, stop: StopRequest | None = None) -> Path:
     device, precision, precision_why = resolve_runtime(cfg, device_name)
     beat(what="loading data and model")
     prep = prepare(cfg)
@@ -572,7 +175,7 @@ def _train(cfg: TrainConfig, out: Path, manifest: dict[str, Any], device_name: s
                     precision=precision, precision_reason=precision_why,
                     n_train_features=len(prep.train), vocab_size=model.config.vocab_size,
                     parameters=models.count_parameters(model), trainable=models.count_parameters(model, True),
-                    data=prep.data_sources, data_summary=data.describe_sources(prep.data_sources))
+                    data=prep.data_sources, data_summary=loading.describe_sources(prep.data_sources))
     if cfg.head_file:
         manifest["head_file"] = str(cfg.head_file.resolve())
     write_json(out / "manifest.json", manifest)
@@ -585,7 +188,7 @@ def _train(cfg: TrainConfig, out: Path, manifest: dict[str, Any], device_name: s
         raise ConfigError(f"parameter num_snapshots={cfg.num_snapshots} is invalid: expected at most the {total_steps} "
                           f"training steps ({len(prep.train)} training features / batch_size={cfg.batch_size} × epochs={cfg.epochs})")
     snaps = snapshot_steps(total_steps, cfg.num_snapshots)
-    optimizer = torch.optim.AdamW(decay_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
+    optimizer = torch.optim.AdamW(optim.decay_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
                                   fused=device.type in ("cpu", "cuda"))  # one fused kernel per step
     warmup = int(round(cfg.warmup_ratio * total_steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
