@@ -306,9 +306,8 @@ def pipeline_context(grid: Grid) -> dict[str, Any]:
 
 def data_line(grid: Grid) -> str:
     """Where the runs' data came from, from their manifests (reports print it under the description)."""
-    from ofa_lib.train import (
-        runs as runs_lib,  # torch and pandas: only when a report is built
-    )
+    # imported here: it pulls in torch and pandas, which `grid status` and planning do not need
+    from ofa_lib.train import runs as runs_lib
 
     summaries: dict[str, int] = {}
     for run in grid.runs:
